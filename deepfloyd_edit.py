@@ -3,7 +3,7 @@
 Reproduces the course's Part A on stage 1 of DeepFloyd IF (64x64 pixels): the forward process, Gaussian-blur denoising,
 one-step and iterative denoising over strided timesteps, sampling, classifier-free guidance, SDEdit, inpainting (RePaint),
 text-conditional image-to-image, visual anagrams (flip, 90-degree rotation, colour inversion) and hybrid images.
-Source: seed 002 (CS180 "Diffusion Models & Flow Matching", Part A); formulas from the course spec and diffusers' DDPMScheduler.
+Source: UC Berkeley CS180 Project 5 "Diffusion Models & Flow Matching", Part A; formulas from the course spec and diffusers' DDPMScheduler.
 
 Two denoisers answer the same call `model(x_t, t, prompts) -> (eps, v)` (v: IF's predicted-variance channels in [-1, 1]):
   --backend deepfloyd  the real IF-I UNet through diffusers (gated weights; fp16 on CUDA); prompts are T5 embeddings.
