@@ -49,12 +49,22 @@ def prepare_out(path):
     return path
 
 
+def check_output_file(path, flag):
+    """Fail at the start, not after hours of training, when a file asked for (e.g. --save-samples) can't be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {flag} {path}: its folder does not exist or is not writable; create it or pass another path")
+    return path
+
+
 # ------------------------------------------------------------------------------- device and seeds
 def get_device(name=None):
     """cuda, then mps, then cpu; an explicit name (e.g. 'cpu', 'cuda:1') wins."""
     if name:
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {name} asked for, but this machine has no CUDA GPU; use --device cpu")
+        if name.startswith("cuda:") and not (name[5:].isdigit() and int(name[5:]) < torch.cuda.device_count()):
+            raise UserError(f"--device {name}: this machine has CUDA devices 0 to {torch.cuda.device_count() - 1}")
         if name == "mps" and not torch.backends.mps.is_available():
             raise UserError("--device mps asked for, but MPS is not available here; use --device cpu")
         return torch.device(name)
@@ -275,6 +285,8 @@ def load_checkpoint(path, script, config=None, must_match=()):
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         owner = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path} was written by {owner or 'another program'}, not {script}.py; pass a checkpoint of {script}.py")
+    if not isinstance(ckpt.get("config"), dict):
+        raise UserError(f"{path} has no saved settings, so it is not a checkpoint of {script}.py; pass one written by {script}.py")
     for key in must_match:
         theirs, ours = ckpt["config"].get(key), (config or {}).get(key)
         if theirs != ours:

@@ -108,3 +108,16 @@ def test_impossible_device_is_refused():
         pytest.skip("this machine has a GPU")
     with pytest.raises(common.UserError, match="--device cpu"):
         common.get_device("cuda")
+
+
+def test_output_file_in_a_missing_folder_is_refused_up_front(tmp_path):
+    assert common.check_output_file(str(tmp_path / "s.npz"), "--save-samples") == str(tmp_path / "s.npz")
+    with pytest.raises(common.UserError, match="--save-samples"):
+        common.check_output_file(str(tmp_path / "missing" / "s.npz"), "--save-samples")
+
+
+def test_checkpoint_without_settings_is_refused(tmp_path):
+    path = str(tmp_path / "bare.pt")
+    common.save_checkpoint(path, {"script": "mnist_unet", "model": {}})
+    with pytest.raises(common.UserError, match="no saved settings"):
+        common.load_checkpoint(path, "mnist_unet", {"hidden": 8}, must_match=("hidden",))
