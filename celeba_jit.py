@@ -19,6 +19,7 @@ CFG: v = v_uncond + w * (v_cond - v_uncond), only for t inside --cfg-interval. I
 import argparse
 import copy
 import hashlib
+import io
 import math
 import os
 import time
@@ -34,6 +35,7 @@ from PIL import Image
 import common
 
 SCRIPT = "celeba_jit"
+LOG_EVERY = 20  # steps between averaging the losses over the ranks (a GPU sync; the progress line shows the last average)
 # depth x dim, heads, patch p and stride s (s < p overlaps), bottleneck width of the patch embedding, in-context class tokens
 # (count, first block), learning rate. "blog" is the write-up's 12x768 p=16 s=12 model; "B" is JiT-B/16 (131M params on ImageNet).
 PRESETS = {
@@ -78,7 +80,7 @@ def load_image(path, res, crop):
 
 def load_folder(folder, res, crop, out_dir, log):
     """Decode and resize every image once into a uint8 .npy cache next to the data (in the out dir when the data folder is
-    read-only), named by a hash of the file list, so later runs (and every epoch) read only the cache."""
+    read-only), named by a hash of the file list (names, sizes, times), so later runs (and every epoch) read only the cache."""
     if not os.path.isdir(folder):
         raise common.UserError(f"data folder {folder} does not exist; pass --data-dir DIR with your images")
     names = sorted(f for f in os.listdir(folder) if not f.startswith("."))
@@ -87,7 +89,8 @@ def load_folder(folder, res, crop, out_dir, log):
         raise common.UserError(f"no images (.jpg/.png/...) in {folder}; pass --data-dir DIR with your images")
     if len(files) < len(names):
         log(f"skipping {len(names) - len(files)} entries of {folder} that are not image files")
-    key = hashlib.sha1(repr([(f, os.path.getsize(os.path.join(folder, f))) for f in files] + [res, crop]).encode()).hexdigest()
+    stats = [os.stat(os.path.join(folder, f)) for f in files]  # a replaced image (new size or time) rebuilds the cache
+    key = hashlib.sha1(repr([(f, st.st_size, st.st_mtime) for f, st in zip(files, stats)] + [res, crop]).encode()).hexdigest()
     cache_dir = folder if os.access(folder, os.W_OK) else out_dir
     cache = os.path.join(cache_dir, f".{SCRIPT}-cache-{res}px-{key[:12]}.npy")
     if os.path.isfile(cache):
@@ -372,13 +375,33 @@ def preset_of(args):
     return dict(PRESETS[args.model], patch=args.patch, stride=args.stride)
 
 
+def load_data_once(args, rank, world, log):
+    """Rank 0 loads first (building the image cache), then tells the others: its UserError ends every rank, none waits forever."""
+    error, result = [None], None
+    try:
+        result = load_data(args, log) if rank == 0 else None
+    except common.UserError as e:
+        error[0] = str(e)
+    if world > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise common.UserError(error[0])
+    return result or load_data(args, log)
+
+
+def all_rng_states(world):
+    """Every rank's RNG state (for an exact DDP resume), sent as torch.save bytes (numpy's state tensor doesn't pickle there)."""
+    if world == 1:
+        return [common.rng_state()]
+    buf, states = io.BytesIO(), [None] * world
+    torch.save(common.rng_state(), buf)
+    dist.all_gather_object(states, buf.getvalue())
+    return [torch.load(io.BytesIO(s), weights_only=True) for s in states]
+
+
 def train(args, rank, world, device, log):
     ckpt = common.load_checkpoint(args.resume, SCRIPT, vars(args), must_match=MUST_MATCH) if args.resume else None
-    if rank > 0:  # rank 0 builds the image cache first
-        dist.barrier()
-    images, labels, classes = load_data(args, log)
-    if rank == 0 and world > 1:
-        dist.barrier()
+    images, labels, classes = load_data_once(args, rank, world, log)
     if args.batch_size > len(images):
         raise common.UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(images)} images); pass a smaller one")
     info = {"channels": int(images.shape[1]), "classes": classes}
@@ -395,16 +418,18 @@ def train(args, rank, world, device, log):
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"]), sched.load_state_dict(ckpt["scheduler"])
         start_epoch, step, losses = ckpt["epoch"], ckpt["step"], list(ckpt["losses"])
-        common.set_rng_state(ckpt["rng"])
-        if rank > 0:  # the checkpoint holds rank 0's RNG; other ranks only need streams of their own
-            torch.manual_seed(args.seed + 1000 * rank + step)
+        if len(ckpt["rng"]) == world:  # every rank continues its own random stream
+            common.set_rng_state(ckpt["rng"][rank])
+        else:  # another number of processes: the streams can't continue, start fresh ones
+            common.seed_everything(args.seed + rank + 1000 * step)
         log(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
     net = model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     net = torch.compile(net) if args.compile else net
     local = args.batch_size // world
-    progress = common.Progress(args.epochs * steps_per_epoch, prefix=f"[{SCRIPT}] ", enabled=rank == 0)
+    progress = common.Progress(args.epochs * steps_per_epoch, step, prefix=f"[{SCRIPT}] ", enabled=rank == 0)
+    pending = []  # losses of the last steps, kept on the device
     for epoch in range(start_epoch, args.epochs):
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))  # same on all ranks
         for i in range(steps_per_epoch):
@@ -423,13 +448,20 @@ def train(args, rank, world, device, log):
             step += 1
             decay = min(args.ema, (1 + step) / (10 + step))  # warms up so short runs still get a useful EMA
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
-            losses.append(common.mean_across_ranks(loss.item()))
-            progress.update(step, losses[-1], args.batch_size)
+            pending.append(loss.detach())
+            if len(pending) == LOG_EVERY or i == steps_per_epoch - 1:  # averaged over the ranks: one sync per LOG_EVERY steps
+                mean = torch.stack(pending).float()
+                if world > 1:
+                    dist.all_reduce(mean)
+                losses.extend((mean / world).tolist())
+                progress.update(step, losses[-1], len(pending) * args.batch_size)
+                pending = []
+        rng = all_rng_states(world)  # every rank takes part
         if rank == 0:
             common.save_checkpoint(os.path.join(args.out, "last.pt"), {
                 "script": SCRIPT, "config": vars(args), "data": info, "model": model.state_dict(), "ema": ema.state_dict(),
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1, "step": step,
-                "rng": common.rng_state(), "losses": losses})
+                "rng": rng, "losses": losses})
             common.plot_curves(os.path.join(args.out, "loss.png"), {"v-loss": losses},
                                title=f"JiT-{args.model}, {args.dataset}: v-loss per step")
             last = epoch + 1 == args.epochs
@@ -441,7 +473,7 @@ def train(args, rank, world, device, log):
 def sample_only(args, device, log):
     """Load a checkpoint's EMA weights; write a sample grid, the sampling GIF and optionally an .npz of --num-samples."""
     ckpt = common.load_checkpoint(args.sample, SCRIPT)
-    for key in MUST_MATCH:  # the architecture comes from the checkpoint
+    for key in ARCH + FROM_TRAINING:  # the architecture and the noise the model was trained on come from the checkpoint
         setattr(args, key, ckpt["config"][key])
     info = ckpt["data"]
     _, model = build(args, info, device)
@@ -507,7 +539,11 @@ def benchmark(args, device, log):
 
 
 # --------------------------------------------------------------------------------------------- CLI
-MUST_MATCH = ("dataset", "model", "res", "patch", "stride")
+ARCH = ("dataset", "model", "res", "patch", "stride")
+FROM_TRAINING = ("noise_scale", "t_eps")  # --sample takes these from the checkpoint too
+# --resume must continue the same run: everything but --epochs (and sampling, output and device flags) must agree
+MUST_MATCH = ARCH + FROM_TRAINING + ("batch_size", "lr", "warmup_epochs", "grad_clip", "ema", "label_dropout", "t_mu", "t_sigma",
+                                     "seed")
 
 
 def parse_args(argv=None):
@@ -552,12 +588,12 @@ def parse_args(argv=None):
 def validate(args):
     """Fill preset defaults and reject impossible settings before anything is written."""
     preset = PRESETS[args.model]
-    args.patch, args.stride = args.patch or preset["patch"], args.stride or preset["stride"]
-    args.lr = args.lr or preset["lr"]
+    for key in ("patch", "stride", "lr"):  # `is None`, not `or`: an explicit 0 must reach check_positive
+        setattr(args, key, preset[key] if getattr(args, key) is None else getattr(args, key))
     native = {"mnist": 28, "cifar10": 32}.get(args.dataset)
     if native and args.res not in (None, native):
         raise common.UserError(f"{args.dataset} images are {native} px; drop --res or pass --res {native}")
-    args.res = args.res or native or 256
+    args.res = (native or 256) if args.res is None else args.res
     common.check_positive(args, "res", "patch", "stride", "epochs", "batch_size", "lr", "steps", "num_samples", "sample_every",
                           "noise_scale", "t_sigma", "t_eps")
     if not 0 <= args.label_dropout < 1 or not 0 < args.ema < 1 or args.warmup_epochs < 0 or args.grad_clip < 0:
@@ -566,9 +602,12 @@ def validate(args):
         raise common.UserError(f"--cfg-interval {args.cfg_interval[0]} {args.cfg_interval[1]} must satisfy 0 <= LO < HI <= 1")
     if args.save_samples and not (args.sample and args.save_samples.endswith(".npz")):
         raise common.UserError("--save-samples FILE.npz needs --sample CKPT and a file name ending in .npz")
+    if args.save_samples:
+        common.check_output_file(args.save_samples, "--save-samples")
     if args.resume and args.sample:
         raise common.UserError("pass either --resume (continue training) or --sample (only sample), not both")
-    check_grid(args.res, args.patch, args.stride)
+    if not args.sample:  # --sample takes the architecture from the checkpoint
+        check_grid(args.res, args.patch, args.stride)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
         raise common.UserError(f"--batch-size {args.batch_size} must be divisible by the {world} DDP processes")
@@ -582,10 +621,9 @@ def main(argv=None):
     log = (lambda msg: print(f"[{SCRIPT}] {msg}", flush=True)) if rank == 0 else (lambda msg: None)
     if args.benchmark:
         return benchmark(args, device, log)
-    if rank == 0:
-        common.prepare_out(args.out)
-    if args.sample:
-        return sample_only(args, device, log)
+    common.prepare_out(args.out)  # on every rank: a bad --out then stops all of them, none waits for the others
+    if args.sample:  # under torchrun, rank 0 alone samples and writes
+        return sample_only(args, device, log) if rank == 0 else None
     train(args, rank, world, device, log)
 
 

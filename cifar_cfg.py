@@ -33,6 +33,8 @@ SCRIPT = "cifar_cfg"
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 NULL = len(CLASSES)  # the null class of CFG: label 10 of the 11 class embeddings
 GUIDANCE_SWEEP = (0, 1, 2, 4, 8)  # the write-up's table of guidance scales
+# the settings that define a training run: --resume refuses a checkpoint trained otherwise (--epochs may grow)
+TRAINING_KEYS = ("channels", "batch_size", "lr", "warmup", "grad_clip", "label_dropout", "ema_decay", "no_flip", "seed")
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -281,8 +283,8 @@ def train(args):
     images, labels = common.load_dataset("cifar10", args.data_dir)
     if len(images) < args.batch_size:
         raise common.UserError(f"{args.data_dir} holds {len(images)} CIFAR-10 images, fewer than --batch-size {args.batch_size}")
-    ckpt = common.load_checkpoint(args.resume, SCRIPT, vars(args), must_match=("channels",)) if args.resume else None
-    out = common.prepare_out(args.out) if rank == 0 else args.out
+    ckpt = common.load_checkpoint(args.resume, SCRIPT, vars(args), must_match=TRAINING_KEYS) if args.resume else None
+    out = common.prepare_out(args.out)  # on every rank: each one raises the same error instead of waiting for rank 0
     images, labels = images.to(device), labels.to(device)  # the whole set on the device as uint8: batches by index
 
     common.seed_everything(args.seed + rank)  # each rank its own noise, times and label drops
@@ -306,10 +308,11 @@ def train(args):
     model = torch.compile(model) if args.compile else model
 
     steps_per_epoch = len(images) // args.batch_size  # drop the last partial batch: every step sees a full global batch
-    progress = common.Progress(args.epochs * steps_per_epoch, enabled=rank == 0)
+    progress = common.Progress(args.epochs * steps_per_epoch, step, enabled=rank == 0)
     channels_last = torch.channels_last if cuda else torch.contiguous_format
     for epoch in range(epoch, args.epochs):
         net.train()
+        epoch_losses = []  # kept on the device: no sync per step
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))  # same on all ranks
         for i in range(steps_per_epoch):
             idx = perm[i * args.batch_size:(i + 1) * args.batch_size][rank::world].to(device)  # this rank's shard
@@ -320,8 +323,13 @@ def train(args):
             sched.step()
             ema_update(ema, net, args.ema_decay)
             step += 1
-            losses.append(common.mean_across_ranks(loss.item()))
-            progress.update(step, losses[-1], args.batch_size)
+            epoch_losses.append(loss.detach())
+            progress.update(step, epoch_losses[-1], args.batch_size)  # rank 0's loss; read only when a line is printed
+        epoch_losses = torch.stack(epoch_losses)
+        if world > 1:  # one all_reduce an epoch: the history holds the mean over ranks of every step's loss
+            dist.all_reduce(epoch_losses)
+            epoch_losses /= world
+        losses += epoch_losses.tolist()
         rngs = all_rng_states(world)
         if rank == 0:
             common.save_checkpoint(os.path.join(out, "last.pt"), {
@@ -429,8 +437,8 @@ def parse_args(argv=None):
         raise common.UserError(f"--channels must be positive multiples of 32 (GroupNorm uses 32 groups), got {args.channels}")
     if args.classes and not all(0 <= c < len(CLASSES) for c in args.classes):
         raise common.UserError(f"--classes takes indices 0 to 9, got {args.classes}")
-    if args.save_samples and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_samples))):
-        raise common.UserError(f"the folder of --save-samples {args.save_samples} does not exist; create it or pass another path")
+    if args.save_samples:
+        common.check_output_file(args.save_samples, "--save-samples")
     if args.sample and args.resume:
         raise common.UserError("pass either --sample CKPT (no training) or --resume CKPT, not both")
     return args
@@ -446,6 +454,8 @@ def main(argv=None):
     ckpt = common.load_checkpoint(args.sample, SCRIPT)
     args.channels = ckpt["config"]["channels"]  # the checkpoint decides the architecture
     out = common.prepare_out(args.out)
+    if int(os.environ.get("RANK", 0)) > 0:  # under torchrun, rank 0 alone samples and writes the files
+        return None
     model = UNet(args.channels).to(device)
     model.load_state_dict(ckpt["model"] if args.raw_weights else ckpt["ema"])
     write_figures(model, args, out, device)

@@ -299,19 +299,20 @@ def load_checkpoint(path, script, config=None, must_match=()):
 class Progress:
     """Prints `step 120/9380 | loss 0.0512 | 1234 img/s | ETA 3m12s` about every `every` seconds."""
 
-    def __init__(self, total_steps, every=10.0, prefix="", enabled=True):
-        self.total, self.every, self.prefix, self.enabled = total_steps, every, prefix, enabled
+    def __init__(self, total_steps, start_step=0, every=10.0, prefix="", enabled=True):
+        """start_step: the step a resumed run starts from, so the ETA counts only this run's steps."""
+        self.total, self.start_step, self.every, self.prefix, self.enabled = total_steps, start_step, every, prefix, enabled
         self.start = self.last = time.time()
-        self.images, self.first_step = 0, None
+        self.images = 0
 
     def update(self, step, loss, batch_images):
+        """Called after `step` (counted from the start of training) with the images trained since the last call."""
         self.images += batch_images
-        self.first_step = step - 1 if self.first_step is None else self.first_step  # resumed runs start mid-way
         now = time.time()
         if not self.enabled or (now - self.last < self.every and step != self.total):
             return
         rate = self.images / max(now - self.last, 1e-9)
-        eta = (self.total - step) * (now - self.start) / max(step - self.first_step, 1)
+        eta = (self.total - step) * (now - self.start) / max(step - self.start_step, 1)
         print(f"{self.prefix}step {step}/{self.total} | loss {loss:.4f} | {rate:.0f} img/s | ETA {format_time(eta)}", flush=True)
         self.last, self.images = now, 0
 

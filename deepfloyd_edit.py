@@ -326,17 +326,46 @@ def place(module, device, cpu_offload):
     return module
 
 
+def is_access_error(error):
+    """True when a hub download failed for want of access: a gated repo, 401/403, not logged in, or no such repo."""
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError  # GatedRepoError is a RepositoryNotFoundError
+    except ImportError:
+        HfHubHTTPError = RepositoryNotFoundError = ()
+    while error is not None:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if isinstance(error, RepositoryNotFoundError) or (isinstance(error, HfHubHTTPError) and status in (401, 403)):
+            return True
+        text = str(error).lower()
+        if any(k in text for k in ("gated repo", "401 client error", "403 client error", "is not a valid model identifier")):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def load_deepfloyd(args, device, dtype, prompts):
     try:
         import diffusers
     except ImportError:
         raise UserError("--backend deepfloyd needs diffusers: pip install diffusers transformers sentencepiece (or use --backend exact)")
     embeds = load_embeds(args.embeds, prompts, args, device, dtype)
-    try:
-        unet = diffusers.UNet2DConditionModel.from_pretrained(args.model_id, subfolder="unet", torch_dtype=dtype,
-                                                              variant="fp16" if dtype == torch.float16 else None)
-    except Exception as e:
-        raise UserError(f"cannot load the IF stage-1 UNet from {args.model_id} ({type(e).__name__}); " + GATED)
+    unet = None
+    for variant in ["fp16", None] if dtype == torch.float16 else [None]:
+        try:
+            unet = diffusers.UNet2DConditionModel.from_pretrained(args.model_id, subfolder="unet", torch_dtype=dtype,
+                                                                  variant=variant)
+            break
+        except Exception as e:
+            error = e
+            if not (variant and "fp16" in str(e)):  # retry without the variant only for a copy saved without *.fp16.*
+                break
+    if unet is None:
+        if is_access_error(error):
+            raise UserError(f"cannot load the IF stage-1 UNet from {args.model_id} ({type(error).__name__}); " + GATED)
+        text = " ".join(str(error).split())[:300]
+        raise UserError(f"cannot load the IF stage-1 UNet from {args.model_id} ({type(error).__name__}: {text}); check that "
+                        f"{args.model_id}/unet holds config.json and diffusion_pytorch_model*.safetensors, re-download it, "
+                        f"or pass another --model-id")
     if unet.config.out_channels != 6:
         raise UserError(f"{args.model_id} has a UNet with {unet.config.out_channels} output channels, not IF stage 1's 6 "
                         f"(eps and variance); pass --model-id DeepFloyd/IF-I-M-v1.0, -L- or -XL-")

@@ -25,7 +25,7 @@ no EMA, as in the recipe), the figures named in the README, and --save-samples F
   python mnist_unet.py --quick                          # CPU preset: readable class-conditioned digits in ~10 minutes on 2 cores
   python mnist_unet.py --part cfg --cfg 3 --steps 100   # one part, other guidance and step count
   python mnist_unet.py --sample runs/mnist_unet/cfg.pt --num-samples 1000 --save-samples cfg.npz
-  python mnist_unet.py --resume runs/mnist_unet/cfg.pt  # continue an interrupted run (same flags as the first one)
+  python mnist_unet.py --resume runs/mnist_unet/cfg.pt  # continue an interrupted run, then the rest of its --part (same flags)
   python mnist_unet.py --benchmark                      # training and sampling img/s on this device
 """
 import argparse
@@ -267,7 +267,7 @@ def train_run(run, args, data, device, out, history, ckpt=None):
         print(f"[{run}] resuming after epoch {epoch} (step {step})")
     B = min(s["batch_size"], len(x_train))
     steps_per_epoch = len(x_train) // B  # the ragged tail of each shuffle is dropped
-    progress = common.Progress(s["epochs"] * steps_per_epoch, prefix=f"[{run}] ")
+    progress = common.Progress(s["epochs"] * steps_per_epoch, step, prefix=f"[{run}] ")
     for epoch in range(epoch + 1, s["epochs"] + 1):
         model.train()
         perm = torch.randperm(len(x_train)).to(device)
@@ -466,10 +466,12 @@ def parse_args(argv=None):
     p.add_argument("--device", help="cuda, cuda:N, mps or cpu (default: the best available)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA; slower start, faster steps)")
-    p.add_argument("--resume", metavar="CKPT", help="continue the interrupted run that wrote CKPT (pass the same flags as before)")
+    p.add_argument("--resume", metavar="CKPT", help="continue the interrupted run that wrote CKPT, then the runs of its --part "
+                   "still to come (pass the same flags as before)")
     p.add_argument("--sample", metavar="CKPT", help="no training: sample from an fm/cfg checkpoint into --out/samples.png")
     p.add_argument("--num-samples", type=int, default=100, help="samples for --sample/--save-samples (default 100; cfg: labels 0..9 cycled)")
-    p.add_argument("--save-samples", metavar="FILE.npz", help="also write the samples of the last flow model as .npz for outside evaluation")
+    p.add_argument("--save-samples", metavar="FILE.npz", help="also write the samples of the last fm/cfg model trained (or of --sample CKPT) "
+                   "as .npz for outside evaluation")
     p.add_argument("--benchmark", action="store_true", help="print training and sampling img/s on this device and exit")
     return p.parse_args(argv)
 
@@ -484,6 +486,8 @@ def main(argv=None):
         raise common.UserError("pass either --resume (continue training) or --sample (sampling only), not both")
     if args.save_samples and not args.save_samples.endswith(".npz"):
         raise common.UserError(f"--save-samples {args.save_samples} must name a .npz file")
+    if args.save_samples and os.path.dirname(os.path.abspath(args.save_samples)) != os.path.abspath(args.out):
+        common.check_output_file(args.save_samples, "--save-samples")  # a file inside --out is checked with --out
     device = common.get_device(args.device)
     if args.benchmark:
         return benchmark(args, device)
@@ -492,12 +496,21 @@ def main(argv=None):
         ckpt = common.load_checkpoint(args.sample or args.resume, SCRIPT, vars(args), () if args.sample else MUST_MATCH)
     if args.sample and part_of(ckpt["run"]) not in ("fm", "cfg"):
         raise common.UserError(f"{args.sample} holds the {ckpt['run']} denoiser, which cannot sample; pass an fm or cfg checkpoint")
-    runs = [ckpt["run"]] if args.resume else [r for p in (RUNS if args.part == "all" else [args.part]) for r in RUNS[p]
-                                              if not (args.quick and r == "cfg_nosched")]
+    if args.resume:  # go on with the --part the checkpoint belongs to, as if it had never stopped
+        args.part = ckpt["config"]["part"]
+    runs = [r for p in (RUNS if args.part == "all" else [args.part]) for r in RUNS[p] if not (args.quick and r == "cfg_nosched")]
+    history = {}
+    if args.resume:  # skip the runs finished before the resumed one, keeping their losses for the cfg_nosched comparison
+        done, runs = runs[:runs.index(ckpt["run"])], runs[runs.index(ckpt["run"]):]
+        for run in done:
+            path = os.path.join(os.path.dirname(args.resume), f"{run}.pt")
+            if os.path.isfile(path):
+                history[run] = common.load_checkpoint(path, SCRIPT)["losses"]
+    if args.save_samples and not args.sample and not {"fm", "cfg"} & set(runs):
+        raise common.UserError(f"--save-samples needs an fm or cfg model, but this run trains only {', '.join(runs)}; "
+                               "run --part fm, cfg or all, or sample a checkpoint with --sample CKPT --save-samples FILE.npz")
     data = None if args.sample else load_mnist(args, device)
     out = common.prepare_out(args.out)
-    if args.save_samples and not os.path.isdir(os.path.dirname(os.path.abspath(args.save_samples))):
-        raise common.UserError(f"the folder of --save-samples {args.save_samples} does not exist; create it or pass another path")
     if args.sample:
         model = make_model(ckpt["run"], ckpt["settings"]["hidden"], device)
         model.load_state_dict(ckpt["model"])
@@ -507,12 +520,11 @@ def main(argv=None):
     print(f"device {device}; {len(data[0])} training images; runs: {', '.join(runs)}", flush=True)
     if device.type == "cpu" and not args.quick and not args.resume:
         estimate_time(runs, args, device, len(data[0]))
-    history, model = {}, None
     for run in runs:
-        trained = train_run(run, args, data, device, out, history, ckpt if args.resume else None)
+        trained = train_run(run, args, data, device, out, history, ckpt if args.resume and run == ckpt["run"] else None)
         if part_of(run) in ("fm", "cfg") and run != "cfg_nosched":
             model, flow_run = trained, run
-    if args.save_samples and model is not None:
+    if args.save_samples:  # checked above: an fm or cfg model was trained
         save_samples(model, flow_run, args, device, args.save_samples)
 
 

@@ -188,6 +188,9 @@ def test_folder_loading_crops_resizes_and_caches(tmp_path, monkeypatch):
     # the images are a left-to-right ramp: after the centre crop the left edge stays darker than the right
     assert (images[:, :, :, 0].astype(int).mean() + 40) < images[:, :, :, -1].astype(int).mean()
     assert jit.load_folder(folder, 8, None, str(tmp_path), print)[1] == cache  # second run: the same cache
+    image = next(f for f in sorted(os.listdir(folder)) if not f.startswith("."))
+    os.utime(os.path.join(folder, image), (1, 1))  # an image replaced by one of the same size
+    assert jit.load_folder(folder, 8, None, str(tmp_path), print)[1] != cache
     (tmp_path / "out").mkdir()
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only data folder: the cache goes to the out dir
     assert os.path.dirname(jit.load_folder(folder, 12, None, str(tmp_path / "out"), print)[1]) == str(tmp_path / "out")
@@ -206,6 +209,21 @@ def test_resume_equals_an_uninterrupted_run(tmp_path):
             torch.testing.assert_close(resumed[key][name], value, atol=0, rtol=0)
 
 
+def test_sample_takes_the_architecture_and_noise_from_the_checkpoint(tmp_path, monkeypatch):
+    """A model trained with --noise-scale 2 samples from 2 * N(0, I); --sample needs no --dataset/--res, and the command
+    line's preset (here mnist's 7px patches, which can't tile the default 256 px) does not matter."""
+    root = make_mnist_root(tmp_path / "mnist", n=16)
+    run_main("--dataset", "mnist", "--data-dir", root, "--batch-size", 16, "--epochs", 1, "--noise-scale", 2, "--t-eps", 0.1,
+             "--out", tmp_path / "run", *TINY)
+    seen, generate = [], jit.generate
+    monkeypatch.setattr(jit, "generate", lambda model, noise, y, args, **k: seen.append(
+        ((noise * args.noise_scale).std().item(), args.t_eps, args.res, args.model)) or generate(model, noise, y, args, **k))
+    run_main("--sample", tmp_path / "run" / "last.pt", "--model", "mnist", "--out", tmp_path / "s", "--steps", 2, "--device", "cpu",
+             "--save-samples", tmp_path / "s.npz", "--num-samples", 3)
+    assert len(seen) == 2 and all(abs(std - 2) < 0.1 and rest == [0.1, 28, "tiny"] for std, *rest in seen), seen
+    assert np.load(tmp_path / "s.npz")["images"].shape == (3, 1, 28, 28)
+
+
 def test_ddp_two_cpu_processes(tmp_path):
     root = make_mnist_root(tmp_path / "mnist", n=64)
     r = run_script("celeba_jit.py", "--dataset", "mnist", "--data-dir", root, "--epochs", 1, "--batch-size", 16,
@@ -214,6 +232,7 @@ def test_ddp_two_cpu_processes(tmp_path):
     ckpt = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and all(math.isfinite(v) for v in ckpt["losses"])  # 64 images / global batch 16
     assert r.stdout.count("JiT-tiny:") == 1  # rank 0 alone logs and writes
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # each rank's stream
 
 
 def test_benchmark_prints_speeds(capsys):
@@ -250,6 +269,8 @@ def test_bad_input_exits_2_with_a_message(tmp_path, monkeypatch, capsys):
     assert "--res 16 or 19" in fail("--dataset", "folder", "--data-dir", bad, "--res", 17, "--out", out, *TINY)
     assert "mnist images are 28 px" in fail("--dataset", "mnist", "--res", 32, *TINY)
     assert "--cfg-interval" in fail("--cfg-interval", 0.5, 0.2, *TINY)
+    assert "--patch must be positive, got 0" in fail("--patch", 0, *TINY)
+    assert "--res must be positive, got 0" in fail("--dataset", "folder", "--res", 0, *TINY)
 
     root = make_mnist_root(tmp_path / "mnist", n=32)
     good = ["--dataset", "mnist", "--data-dir", root, "--batch-size", 16, "--epochs", 1, "--out", out, *TINY]
@@ -263,6 +284,11 @@ def test_bad_input_exits_2_with_a_message(tmp_path, monkeypatch, capsys):
     assert "truncated or corrupt" in fail(*good, "--resume", tmp_path / "cut.pt")
     assert "is a folder" in fail(*good, "--resume", out)
     assert "does not exist" in fail(*good, "--resume", tmp_path / "missing.pt")
+    assert "batch_size=16 but this run has batch_size=8" in fail(*good, "--batch-size", 8, "--resume", out / "last.pt")
+    assert "noise_scale=1.0 but this run has noise_scale=2.0" in fail(*good, "--noise-scale", 2, "--resume", out / "last.pt")
+    assert "cannot write --save-samples" in fail("--sample", out / "last.pt", "--save-samples", tmp_path / "no" / "s.npz",
+                                                 "--out", tmp_path / "never", "--device", "cpu")
+    assert not (tmp_path / "never").exists()  # refused before any work
     assert "larger than the dataset" in fail(*good[:-len(TINY) - 2], "--out", out, "--batch-size", 64, *TINY)
     assert (out / "last.pt").read_bytes() == before  # nothing overwritten by the failed runs
 

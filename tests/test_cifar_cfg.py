@@ -198,6 +198,7 @@ def test_resume_equals_uninterrupted(trained, tmp_path):
     root, out, _ = trained
     first = run_script("cifar_cfg.py", "--data-dir", root / "data", "--out", tmp_path, "--epochs", "1", *TINY)
     assert first.returncode == 0, first.stderr[-3000:]
+    # a larger --epochs than the checkpoint's is allowed: the README's `--resume last.pt --epochs 100`
     second = run_script("cifar_cfg.py", "--data-dir", root / "data", "--out", tmp_path, "--epochs", "2",
                         "--resume", tmp_path / "last.pt", *TINY)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -220,10 +221,22 @@ def test_torchrun_ddp_two_processes_same_weights(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     w0, w1 = (torch.load(tmp_path / "run" / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert len(ckpt["rng"]) == 2 and ckpt["step"] == 2
+    assert len(ckpt["rng"]) == 2 and ckpt["step"] == 2 and len(ckpt["losses"]) == 2  # one mean over ranks per step
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # each rank draws its own noise
     for k in w0:
         assert torch.equal(w0[k], w1[k]) and torch.equal(w0[k], ckpt["model"][k]), k
+
+
+def test_torchrun_bad_out_fails_on_every_rank_and_sample_writes_once(trained, tmp_path):
+    root, out, _ = trained
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = run_script("cifar_cfg.py", "--data-dir", root / "data", "--out", blocker / "run", "--epochs", "1", *TINY, torchrun=2)
+    assert r.returncode != 0 and r.stderr.count("cannot write to the output folder") == 2, r.stderr[-3000:]  # no rank left waiting
+    r = run_script("cifar_cfg.py", "--sample", out / "last.pt", "--out", tmp_path / "s", "--steps", "1", "--classes", "0",
+                   "--device", "cpu", "--save-samples", tmp_path / "s.npz", "--num-samples", "2", torchrun=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("wrote") == 2 and (tmp_path / "s.npz").exists(), r.stdout  # figures and samples, by rank 0 alone
 
 
 # --------------------------------------------------------------------------------------- bad input
@@ -236,10 +249,10 @@ def run_inprocess(capsys, *argv):
     return types.SimpleNamespace(returncode=e.value.code, stdout=captured.out, stderr=captured.err)
 
 
-def test_bad_input_exits_2_with_a_message_and_overwrites_nothing(trained, tmp_path, capsys):
+def test_bad_input_exits_2_with_a_message_and_overwrites_nothing(trained, tmp_path, capsys, monkeypatch):
     root, out, _ = trained
     good = {name: digest(out / name) for name in FIGURES}
-    data = ["--data-dir", root / "data", "--out", out, *TINY]
+    data = ["--data-dir", root / "data", "--out", out, *TINY, "--epochs", "1"]  # a check that broke would train briefly, not 50 epochs
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
     assert_user_error(run_script("cifar_cfg.py", "--data-dir", not_a_dir, "--out", out, "--device", "cpu"),
@@ -252,12 +265,19 @@ def test_bad_input_exits_2_with_a_message_and_overwrites_nothing(trained, tmp_pa
     assert_user_error(run_inprocess(capsys, *data, "--resume", tmp_path / "other.pt"), "mnist_unet", "cifar_cfg.py")
     assert_user_error(run_inprocess(capsys, *data, "--channels", "64", "64", "64", "64", "--resume", out / "last.pt"),
                       "channels")
+    for flag, value, key in (("--batch-size", "8", "batch_size"), ("--lr", "1e-3", "lr"), ("--no-flip", None, "no_flip")):
+        assert_user_error(run_inprocess(capsys, *data, flag, *[value] * (value is not None), "--resume", out / "last.pt"),
+                          f"trained with {key}=")
     (tmp_path / "cut.pt").write_bytes((out / "last.pt").read_bytes()[:5000])
     assert_user_error(run_inprocess(capsys, "--sample", tmp_path / "cut.pt", "--out", out), "truncated or corrupt")
     assert_user_error(run_script("cifar_cfg.py", *data, "--cfg", "-1"), "--cfg")
     assert_user_error(run_inprocess(capsys, *data, "--classes", "2", "10"), "--classes", "0 to 9")
     assert_user_error(run_inprocess(capsys, *data, "--channels", "48", "64", "64", "64"), "multiples of 32")
     assert_user_error(run_inprocess(capsys, *data, "--save-samples", tmp_path / "nowhere" / "s.npz"), "--save-samples")
+    with monkeypatch.context() as m:  # a folder that exists but can't be written (chmod can't show it when tests run as root)
+        m.setattr(os, "access", lambda path, mode: False)
+        assert_user_error(run_inprocess(capsys, "--sample", out / "last.pt", "--out", tmp_path / "x", *TINY, "--num-samples", "1",
+                                        "--save-samples", tmp_path / "s.npz"), "--save-samples", "not writable")
     assert good == {name: digest(out / name) for name in FIGURES}
 
 

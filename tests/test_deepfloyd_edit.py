@@ -2,6 +2,7 @@
 the exact denoiser, the deepfloyd code path through a tiny randomly initialised IF-layout UNet, and every bad input."""
 import os
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -228,6 +229,35 @@ def test_cli_deepfloyd_backend_through_a_local_model(tiny_model, tmp_path):
     assert (tiny_model / "embeds.pth").read_bytes() == before
 
 
+def test_unet_load_errors_say_what_went_wrong(tiny_model, tmp_path, monkeypatch):
+    """A copy saved without *.fp16.safetensors loads in fp16 (retry with variant=None); a corrupt UNet names its error;
+    only an access error (gated, 401/403, no such repo) gets the licence / login message."""
+    from huggingface_hub.errors import GatedRepoError
+    args = SimpleNamespace(model_id=str(tiny_model / "model"), embeds=str(tiny_model / "embeds.pth"), cpu_offload=False)
+    model = de.load_deepfloyd(args, torch.device("cpu"), torch.float16, [""])
+    assert next(model.unet.parameters()).dtype == torch.float16
+    reference = de.DeepFloydDenoiser(tiny_if_unet(), model.embeds, torch.device("cpu"), torch.float32)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    eps, v = model(x, 500, [""])
+    assert eps.shape == v.shape == (1, 3, 64, 64) and torch.allclose(eps, reference(x, 500, [""])[0], atol=0.05)
+
+    (tmp_path / "bad" / "unet").mkdir(parents=True)
+    (tmp_path / "bad" / "unet" / "config.json").write_bytes((tiny_model / "model" / "unet" / "config.json").read_bytes())
+    (tmp_path / "bad" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00garbage")
+    for dtype in [torch.float32, torch.float16]:
+        with pytest.raises(UserError) as e:
+            de.load_deepfloyd(SimpleNamespace(**dict(vars(args), model_id=str(tmp_path / "bad"))), torch.device("cpu"), dtype, [""])
+        assert "cannot load the IF stage-1 UNet" in str(e.value) and "Error" in str(e.value), str(e.value)
+        assert "accept its licence" not in str(e.value) and "\n" not in str(e.value)
+
+    def gated(*a, **k):  # diffusers wraps the hub's error (which needs an HTTP response to build, hence __new__)
+        hub_error = GatedRepoError.__new__(GatedRepoError)
+        raise OSError("DeepFloyd/IF-I-XL-v1.0 could not be loaded") from hub_error
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", gated)
+    with pytest.raises(UserError, match="accept its licence.*huggingface-cli login"):
+        de.load_deepfloyd(args, torch.device("cpu"), torch.float16, [""])
+
+
 def main_error(tmp_path, *argv):
     with pytest.raises(UserError) as e:
         de.main([*map(str, argv), "--out", str(tmp_path / "out")])
@@ -249,8 +279,8 @@ def test_bad_inputs(tiny_model, tmp_path, monkeypatch):
     assert "--cpu-offload" in main_error(tmp_path, "--backend", "deepfloyd", "--cpu-offload", "--device", "cpu")
     assert not os.path.exists(tmp_path / "out")  # nothing written before the input is validated
     deepfloyd = ["--backend", "deepfloyd", "--device", "cpu", "--embeds", tiny_model / "embeds.pth"]
-    message = main_error(tmp_path, *deepfloyd, "--model-id", tmp_path / "empty")
-    assert "huggingface-cli login" in message and "accept its licence" in message
+    message = main_error(tmp_path, *deepfloyd, "--model-id", tmp_path / "empty")  # a local folder is no licence problem
+    assert "OSError" in message and "config.json" in message and "accept its licence" not in message
     assert "not a readable embeddings file" in main_error(tmp_path, "--backend", "deepfloyd", "--embeds", tmp_path / "corrupt.pth")
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if diffusers were not installed
     assert "needs diffusers" in main_error(tmp_path, *deepfloyd, "--model-id", tiny_model / "model")

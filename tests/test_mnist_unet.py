@@ -200,6 +200,47 @@ def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
     assert resumed["scheduler"] == full["scheduler"]
 
 
+def crash_after(monkeypatch, n):
+    """The machine dies right after the n-th checkpoint written from now on."""
+    save, calls = common.save_checkpoint, []
+
+    def save_then_crash(path, state):
+        save(path, state)
+        calls.append(path)
+        if len(calls) == n:
+            monkeypatch.setattr(common, "save_checkpoint", save)
+            raise KeyboardInterrupt
+    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+
+
+def test_resume_goes_on_with_the_rest_of_the_part(tmp_path, monkeypatch):
+    """--part cfg cut in cfg, resumed (without --part: the checkpoint knows it), cut again in cfg_nosched and resumed:
+    both runs end as in an uninterrupted run, and the ablation's loss plot still compares with cfg's curve."""
+    root = make_mnist_root(tmp_path / "mnist", n=96)
+    flags = ["--data-dir", root, *TINY]
+    m.main([*flags, "--part", "cfg", "--out", str(tmp_path / "full")])
+    cut = tmp_path / "cut"
+    crash_after(monkeypatch, 1)  # after cfg's epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        m.main([*flags, "--part", "cfg", "--out", str(cut)])
+    crash_after(monkeypatch, 2)  # after cfg's epoch 2 and cfg_nosched's epoch 1
+    with pytest.raises(KeyboardInterrupt):
+        m.main([*flags, "--out", str(cut), "--resume", str(cut / "cfg.pt")])
+    assert torch.load(cut / "cfg_nosched.pt", weights_only=True)["epoch"] == 1
+    curves = {}
+    plot = common.plot_curves
+    monkeypatch.setattr(common, "plot_curves", lambda path, c, **kw: curves.update({os.path.basename(path): c}) or plot(path, c, **kw))
+    m.main([*flags, "--out", str(cut), "--resume", str(cut / "cfg_nosched.pt")])
+    for run in ("cfg", "cfg_nosched"):
+        full, resumed = (torch.load(d / f"{run}.pt", weights_only=True) for d in (tmp_path / "full", cut))
+        assert resumed["epoch"] == 2 and resumed["losses"] == full["losses"], run
+        for k, v in full["model"].items():
+            assert torch.equal(resumed["model"][k], v), (run, k)
+    assert os.path.isfile(cut / "cfg_nosched_epoch2.png") and os.path.isfile(cut / "cfg_nosched_loss.png")
+    cfg_losses = torch.load(cut / "cfg.pt", weights_only=True)["losses"]
+    assert list(curves) == ["cfg_nosched_loss.png"] and curves["cfg_nosched_loss.png"]["cfg (ExponentialLR)"] == cfg_losses
+
+
 # ------------------------------------------------------------------------------------------ bad input
 def test_bad_inputs_exit_2_with_a_clear_message_and_touch_nothing(cli_run, tmp_path, monkeypatch):
     tmp, root, out, _ = cli_run
@@ -231,4 +272,14 @@ def test_bad_inputs_exit_2_with_a_clear_message_and_touch_nothing(cli_run, tmp_p
     # impossible numbers
     assert_user_error(run_script("mnist_unet.py", "--data-dir", root, "--out", out, "--epochs", "0"), "--epochs must be positive")
     assert_user_error(run_script("mnist_unet.py", "--data-dir", root, "--out", out, "--steps", "-3"), "--steps must be positive")
+    # --save-samples with no fm/cfg model to sample, or into a missing folder: refused before any data or output
+    fresh = tmp_path / "fresh"
+    assert_user_error(run_script("mnist_unet.py", "--part", "denoise", "--data-dir", root, "--out", fresh, *TINY,
+                                 "--save-samples", tmp_path / "s.npz"), "--save-samples needs an fm or cfg model")
+    assert_user_error(run_script("mnist_unet.py", "--resume", out / "cfg_nosched.pt", "--data-dir", root, "--out", fresh,
+                                 *TINY, "--save-samples", tmp_path / "s.npz"), "--save-samples needs an fm or cfg model")
+    for extra in (["--part", "fm", "--data-dir", root, *TINY], ["--sample", out / "fm.pt", "--device", "cpu"]):
+        assert_user_error(run_script("mnist_unet.py", *extra, "--out", fresh, "--save-samples", tmp_path / "nope" / "s.npz"),
+                          "cannot write --save-samples", "create it or pass another path")
+    assert not os.path.exists(fresh) and not os.path.exists(tmp_path / "s.npz")
     assert folder_digest(out) == before  # nothing was overwritten
