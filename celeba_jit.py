@@ -19,7 +19,6 @@ CFG: v = v_uncond + w * (v_cond - v_uncond), only for t inside --cfg-interval. I
 import argparse
 import copy
 import hashlib
-import io
 import math
 import os
 import time
@@ -389,16 +388,6 @@ def load_data_once(args, rank, world, log):
     return result or load_data(args, log)
 
 
-def all_rng_states(world):
-    """Every rank's RNG state (for an exact DDP resume), sent as torch.save bytes (numpy's state tensor doesn't pickle there)."""
-    if world == 1:
-        return [common.rng_state()]
-    buf, states = io.BytesIO(), [None] * world
-    torch.save(common.rng_state(), buf)
-    dist.all_gather_object(states, buf.getvalue())
-    return [torch.load(io.BytesIO(s), weights_only=True) for s in states]
-
-
 def train(args, rank, world, device, log):
     ckpt = common.load_checkpoint(args.resume, SCRIPT, vars(args), must_match=MUST_MATCH) if args.resume else None
     images, labels, classes = load_data_once(args, rank, world, log)
@@ -456,7 +445,7 @@ def train(args, rank, world, device, log):
                 losses.extend((mean / world).tolist())
                 progress.update(step, losses[-1], len(pending) * args.batch_size)
                 pending = []
-        rng = all_rng_states(world)  # every rank takes part
+        rng = common.all_rng_states()  # every rank takes part
         if rank == 0:
             common.save_checkpoint(os.path.join(args.out, "last.pt"), {
                 "script": SCRIPT, "config": vars(args), "data": info, "model": model.state_dict(), "ema": ema.state_dict(),

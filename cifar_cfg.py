@@ -16,7 +16,6 @@ horizontal flips, a linear LR warm-up, and Heun as a second solver.
 """
 import argparse
 import copy
-import io
 import math
 import os
 import statistics
@@ -265,17 +264,6 @@ def train_step(model, opt, x, y, args, params):
     return loss
 
 
-def all_rng_states(world):
-    """Every rank's RNG state, so that a resumed torchrun job continues each rank's stream. Sent as torch.save bytes:
-    all_gather_object's own pickling can't carry the uint32 tensor of numpy's state."""
-    if world == 1:
-        return [common.rng_state()]
-    buf, states = io.BytesIO(), [None] * world
-    torch.save(common.rng_state(), buf)
-    dist.all_gather_object(states, buf.getvalue())
-    return [torch.load(io.BytesIO(s), weights_only=True) for s in states]
-
-
 def train(args):
     rank, world, device = common.setup_ddp(args.device)
     if args.batch_size % world:
@@ -330,7 +318,7 @@ def train(args):
             dist.all_reduce(epoch_losses)
             epoch_losses /= world
         losses += epoch_losses.tolist()
-        rngs = all_rng_states(world)
+        rngs = common.all_rng_states()
         if rank == 0:
             common.save_checkpoint(os.path.join(out, "last.pt"), {
                 "script": SCRIPT, "config": vars(args), "model": net.state_dict(), "ema": ema.state_dict(),

@@ -1,5 +1,6 @@
 """The little code the four scripts share: errors, device, seeding, data, images, plots, checkpoints,
 progress and torchrun/DDP. Everything about a method (networks, losses, samplers) lives in its script."""
+import io
 import math
 import os
 import pickle
@@ -116,15 +117,15 @@ def setup_ddp(device_name=None):
     return rank, world, device
 
 
-def mean_across_ranks(value):
-    """Average a float over DDP ranks (for logging the same loss on every rank)."""
+def all_rng_states():
+    """Every DDP rank's rng_state() as a list indexed by rank (call it on every rank), so a resumed torchrun job
+    continues each rank's stream. Sent as torch.save bytes: all_gather_object can't pickle numpy's uint32 state tensor."""
     if not (dist.is_available() and dist.is_initialized()):
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
+        return [rng_state()]
+    buf, states = io.BytesIO(), [None] * dist.get_world_size()
+    torch.save(rng_state(), buf)
+    dist.all_gather_object(states, buf.getvalue())
+    return [torch.load(io.BytesIO(s), weights_only=True) for s in states]
 
 
 # -------------------------------------------------------------------------------------------- data
