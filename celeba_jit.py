@@ -407,10 +407,7 @@ def train(args, rank, world, device, log):
         model.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"]), sched.load_state_dict(ckpt["scheduler"])
         start_epoch, step, losses = ckpt["epoch"], ckpt["step"], list(ckpt["losses"])
-        if len(ckpt["rng"]) == world:  # every rank continues its own random stream
-            common.set_rng_state(ckpt["rng"][rank])
-        else:  # another number of processes: the streams can't continue, start fresh ones
-            common.seed_everything(args.seed + rank + 1000 * step)
+        common.set_rank_rng_state(ckpt["rng"], args.seed + 1000 * step)  # every rank continues its own random stream
         log(f"resumed from {args.resume} at epoch {start_epoch}, step {step}")
     net = model
     if world > 1:

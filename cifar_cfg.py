@@ -288,10 +288,7 @@ def train(args):
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         epoch, step, losses = ckpt["epoch"], ckpt["step"], ckpt["losses"]
-        if len(ckpt["rng"]) == world:
-            common.set_rng_state(ckpt["rng"][rank])
-        else:  # another number of processes: the random streams can't continue, start fresh ones
-            common.seed_everything(args.seed + rank + 1000 * epoch)
+        common.set_rank_rng_state(ckpt["rng"], args.seed + 1000 * epoch)
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     model = torch.compile(model) if args.compile else model
 

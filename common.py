@@ -128,6 +128,16 @@ def all_rng_states():
     return [torch.load(io.BytesIO(s), weights_only=True) for s in states]
 
 
+def set_rank_rng_state(states, fresh_seed):
+    """Restore this rank's entry of all_rng_states(). Saved by another number of processes, the streams can't continue:
+    each rank starts a fresh one from fresh_seed + rank."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    if len(states) == world:
+        set_rng_state(states[rank])
+    else:
+        seed_everything(fresh_seed + rank)
+
+
 # -------------------------------------------------------------------------------------------- data
 def load_dataset(name, data_dir, train=True):
     """MNIST or CIFAR-10 as one uint8 tensor (N, C, H, W) and int64 labels, read straight from the

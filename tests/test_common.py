@@ -121,3 +121,13 @@ def test_checkpoint_without_settings_is_refused(tmp_path):
     common.save_checkpoint(path, {"script": "mnist_unet", "model": {}})
     with pytest.raises(common.UserError, match="no saved settings"):
         common.load_checkpoint(path, "mnist_unet", {"hidden": 8}, must_match=("hidden",))
+
+
+def test_rank_rng_state_continues_or_reseeds():
+    common.seed_everything(5)
+    states = common.all_rng_states()  # one process: a list of one state
+    expected = torch.rand(3)
+    common.set_rank_rng_state(states, fresh_seed=99)
+    assert len(states) == 1 and torch.equal(torch.rand(3), expected)  # the saved stream continues
+    common.set_rank_rng_state(states * 2, fresh_seed=99)  # saved by 2 processes, resumed by 1: a fresh stream
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(99)))  # seed 99 + rank 0
