@@ -5,6 +5,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import sys
 import time
 
@@ -139,42 +140,92 @@ def set_rank_rng_state(states, fresh_seed):
 
 
 # -------------------------------------------------------------------------------------------- data
-def load_dataset(name, data_dir, train=True):
-    """MNIST or CIFAR-10 as one uint8 tensor (N, C, H, W) and int64 labels, read straight from the
-    files torchvision downloads; downloaded into data_dir when absent and the network allows."""
-    import torchvision
+# name -> (torchvision class, folder under --data-dir, files of the training and test splits, how to get them offline)
+DATASETS = {
+    "mnist": ("MNIST", "MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
+              ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"], "the four gunzipped idx files from yann.lecun.com"),
+    "fashion": ("FashionMNIST", "FashionMNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
+                ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
+                "the four gunzipped idx files (Debian: apt install dataset-fashion-mnist, then gunzip "
+                "/usr/share/datasets/fashion-mnist/*.gz)"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "the python version of CIFAR-10 (cifar-10-python.tar.gz), unpacked"),
+}
+CLASS_NAMES = {
+    "mnist": [str(k) for k in range(10)],
+    "fashion": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
 
-    if name == "mnist":
-        cls, where = torchvision.datasets.MNIST, os.path.join(data_dir, "MNIST", "raw")
-        split = "train" if train else "t10k"
-        files = [f"{split}-images-idx3-ubyte", f"{split}-labels-idx1-ubyte"]
-        expects = "MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte"
-    elif name == "cifar10":
-        cls, where = torchvision.datasets.CIFAR10, os.path.join(data_dir, "cifar-10-batches-py")
-        files = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        expects = "cifar-10-batches-py/{data_batch_1..5,test_batch} (the python version)"
-    else:
-        raise ValueError(name)
-    if not all(os.path.isfile(os.path.join(where, f)) for f in files):
+
+def load_dataset(name, data_dir, train=True):
+    """MNIST, Fashion-MNIST or CIFAR-10 as one uint8 tensor (N, C, H, W) and int64 labels, read straight from the files
+    torchvision downloads; downloaded into data_dir when absent and the network allows. Nothing is left behind on failure."""
+    cls, sub, train_files, test_files, offline = DATASETS[name]
+    where = os.path.join(data_dir, sub)
+    files = [os.path.join(where, f) for f in (train_files if train else test_files)]
+    layout = f"{os.path.join(data_dir, sub)}/{{{','.join(train_files + test_files)}}}"
+    if not all(os.path.isfile(f) for f in files):
+        created = [d for d in (data_dir, os.path.join(data_dir, sub.split("/")[0]), where) if not os.path.exists(d)]
         try:
-            cls(data_dir, train=train, download=True)
+            import torchvision
+            getattr(torchvision.datasets, cls)(data_dir, train=train, download=True)
         except Exception as e:  # no network, disk full, server down: all end the same way for the user
-            raise UserError(f"{name} is not in {data_dir} and could not be downloaded ({type(e).__name__}); "
-                            f"pass --data-dir DIR where DIR holds {expects}")
+            for d in reversed(created):  # a failed download leaves no empty folders behind
+                shutil.rmtree(d, ignore_errors=True)
+            raise UserError(f"{cls} is not in {os.path.abspath(data_dir)} and could not be downloaded ({e}); put {offline} "
+                            f"at {layout} (see 'Running offline' in the README) or pass --data-dir DIR")
+    if name == "cifar10":
+        parts = [read_cifar_batch(f) for f in files]
+        return torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    images, labels = read_idx(files[0], 3), read_idx(files[1], 1)
+    check_labels(files[1], labels, len(images), 10)
+    return torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def read_idx(path, ndim):
+    """An MNIST idx file: magic 0x0000 08 ndim (uint8 data), ndim big-endian sizes, then the bytes."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if len(raw) < 4 + 4 * ndim or raw[:4] != bytes([0, 0, 8, ndim]):
+        raise UserError(f"{path} is not an idx file of {ndim}-D uint8 data (bad header); replace it with the original file")
+    shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(shape):
+        raise UserError(f"{path} holds {data.size} bytes of data where its header says {math.prod(shape)}; "
+                        f"the file is truncated: replace it with the original")
+    return data.reshape(shape)
+
+
+def check_labels(path, labels, n_images, n_classes):
+    if len(labels) != n_images:
+        raise UserError(f"{path} has {len(labels)} labels for {n_images} images; replace it with the matching original file")
+    if len(labels) and not (0 <= labels.min() and labels.max() < n_classes):
+        raise UserError(f"{path} has labels outside 0..{n_classes - 1}; replace it with the original file")
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what the real CIFAR-10 batches hold (dicts, lists, strings, bytes, ints and numpy arrays): a crafted
+    pickle can't call anything else, so loading a data file never runs code."""
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
+               ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path):
     try:
-        if name == "mnist":
-            ds = cls(data_dir, train=train, download=False)
-            return ds.data[:, None].contiguous(), ds.targets.long()
-        xs, ys = [], []
-        for f in files:
-            with open(os.path.join(where, f), "rb") as fh:
-                batch = pickle.load(fh, encoding="latin1")
-            xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.extend(batch["labels"])
-        return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.long)
+        with open(path, "rb") as f:
+            batch = _CifarUnpickler(f, encoding="latin1").load()
+        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch["labels"], dtype=np.int64)
     except Exception as e:
-        raise UserError(f"{name} in {data_dir} is incomplete or unreadable ({type(e).__name__}: {e}); "
-                        f"pass --data-dir DIR where DIR holds {expects}")
+        raise UserError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); replace it with the original file")
+    check_labels(path, labels, len(images), 10)
+    return images, labels
 
 
 # ------------------------------------------------------------------------------------------ images

@@ -35,15 +35,21 @@ def _idx(path, array, code):
         f.write(array.astype(np.uint8).tobytes())
 
 
-def make_mnist_root(root, n=256, seed=0):
-    """A torchvision MNIST root (MNIST/raw/*-ubyte, train and t10k) holding `shapes` digits."""
-    images, labels = shapes(n, 28, 1, seed=seed)
-    raw = os.path.join(root, "MNIST", "raw")
+def make_mnist_root(root, n=256, seed=0, folder="MNIST", n_test=None):
+    """A torchvision MNIST root (MNIST/raw/*-ubyte, train and t10k) holding `shapes` digits; folder="FashionMNIST"
+    gives the Fashion-MNIST layout. The test split is another draw of the same shapes (n_test images, default n)."""
+    raw = os.path.join(root, folder, "raw")
     os.makedirs(raw, exist_ok=True)
-    for split in ("train", "t10k"):
+    for split, count, s in (("train", n, seed), ("t10k", n_test or n, seed + 1)):
+        images, labels = shapes(count, 28, 1, seed=s)
         _idx(os.path.join(raw, f"{split}-images-idx3-ubyte"), images[:, 0], 3)
         _idx(os.path.join(raw, f"{split}-labels-idx1-ubyte"), labels, 1)
     return str(root)
+
+
+def make_fashion_root(root, n=256, seed=0, n_test=None):
+    """A torchvision FashionMNIST root (FashionMNIST/raw/*-ubyte) holding `shapes` images."""
+    return make_mnist_root(root, n, seed, folder="FashionMNIST", n_test=n_test)
 
 
 def make_cifar_root(root, n=100, seed=0):
