@@ -1,18 +1,22 @@
 """The little code the four scripts share: errors, device, seeding, data, images, plots, checkpoints,
 progress and torchrun/DDP. Everything about a method (networks, losses, samplers) lives in its script."""
+import hashlib
 import io
+import json
 import math
 import os
 import pickle
 import random
+import re
 import shutil
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 # ----------------------------------------------------------------------------------------- errors
@@ -20,27 +24,60 @@ class UserError(Exception):
     """Bad input (missing data, wrong checkpoint, impossible flag): reported in one sentence, exit code 2."""
 
 
+LAST_CHECKPOINT = {"path": None}  # set by save_checkpoint, named by the Ctrl-C message
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) ends like Ctrl-C: `finally` blocks remove temp files
+
+
 def run(main):
-    """Run a script's main(); a UserError prints its message and exits with code 2, without a traceback."""
+    """Run a script's main(). A UserError prints its message and exits with code 2, without a traceback; Ctrl-C or
+    SIGTERM prints one line naming the last checkpoint and exits with 130."""
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt:
+        last = LAST_CHECKPOINT["path"]
+        print("interrupted" + (f"; the last checkpoint is {last}, continue with --resume {last}" if last else ""),
+              file=sys.stderr)
+        raise SystemExit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
+def check_finite(args):
+    """NaN slips through every comparison (nan <= 0 is False): refuse any non-finite float flag first."""
+    for name, value in vars(args).items():
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+
+
 def check_positive(args, *names):
     for name in names:
         value = getattr(args, name)
-        if value is not None and value <= 0:
+        if value is not None and not value > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def check_range(args, name, lo, hi):
+    value = getattr(args, name)
+    if value is not None and not lo <= value <= hi:
+        raise UserError(f"--{name.replace('_', '-')} must be between {lo:,} and {hi:,}, got {value:,}")
+
+
+def check_seed(args):
+    check_range(args, "seed", 0, 2**31 - 1)  # numpy takes seeds below 2**32; the scripts add offsets to it
+
+
 def prepare_out(path):
-    """Create the output folder and make sure we can write into it before any work starts."""
+    """Create the output folder, make sure we can write into it before any work starts, and remove the temp files
+    that killed runs left there."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
@@ -48,21 +85,63 @@ def prepare_out(path):
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write to the output folder {path} ({e.strerror}); pass a writable folder with --out")
+    remove_stale_temps(path)
     return path
 
 
 def check_output_file(path, flag):
-    """Fail at the start, not after hours of training, when a file asked for (e.g. --save-samples) can't be written."""
+    """Fail at the start, not after hours of training, when a file asked for (e.g. --save-samples) can't be written:
+    the target must be absent or a writable regular file, in a folder where we can create a file."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise UserError(f"{flag} {path} exists and is not a regular file (a folder?); pass the path of a file")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path} exists and is read-only; pass another path")
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write {flag} {path}: its folder does not exist or is not writable; create it or pass another path")
+    probe = os.path.join(folder, f".{os.path.basename(path)}.probe-{os.getpid()}")
+    try:
+        open(probe, "x").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"cannot write {flag} {path} ({e.strerror or e}); create its folder or pass another path")
     return path
+
+
+def check_fresh_run(checkpoint, resume, overwrite, script):
+    """A new run must not silently replace the checkpoint of an earlier one in the same --out."""
+    if os.path.exists(checkpoint) and not resume and not overwrite:
+        raise UserError(f"{checkpoint} already holds a checkpoint of {script}.py; pass --resume {checkpoint} to continue "
+                        f"it, --overwrite to start over, or another --out")
+
+
+def lock_out(folder):
+    """Hold an exclusive lock on folder/.lock for the life of the process, so two trainings can't share an --out.
+    The OS releases it when the process ends, even when it is killed."""
+    import fcntl
+
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        raise UserError(f"{folder} is in use by another training run (pid {holder}); wait for it, stop it, "
+                        f"or pass another --out")
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    LOCKS.append(f)
+
+
+LOCKS = []  # open lock files, kept for the life of the process
 
 
 # ------------------------------------------------------------------------------- device and seeds
 def get_device(name=None):
     """cuda, then mps, then cpu; an explicit name (e.g. 'cpu', 'cuda:1') wins."""
     if name:
+        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+            raise UserError(f"--device {name} is not a device; pass cpu, cuda, cuda:N or mps")
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {name} asked for, but this machine has no CUDA GPU; use --device cpu")
         if name.startswith("cuda:") and not (name[5:].isdigit() and int(name[5:]) < torch.cuda.device_count()):
@@ -100,6 +179,40 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------ precision
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def choose_precision(flag, device_type, capability=None):
+    """auto: bf16 on GPUs with native bf16 (compute capability >= 8.0: A100, L4, H100, RTX 30xx and newer), fp16 with a
+    gradient scaler on older GPUs (T4, V100: bf16 there is emulated or refused), fp32 on CPU and MPS."""
+    if flag != "auto":
+        return flag
+    if device_type != "cuda":
+        return "fp32"
+    return "bf16" if capability >= (8, 0) else "fp16"
+
+
+def precision_for(flag, device, log=print):
+    """The precision for this device, printed once."""
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    precision = choose_precision(flag, device.type, capability)
+    log(f"precision: {precision}" + (" (autocast; weights and checkpoints stay fp32)" if precision != "fp32" else "")
+        + (" with a gradient scaler" if precision == "fp16" else ""))
+    return precision
+
+
+def autocast(device, precision):
+    """Mixed precision for the forward passes; fp32 is a no-op context."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return torch.autocast(device.type, dtype=dtype, enabled=precision in ("bf16", "fp16"))
+
+
+def grad_scaler(device, precision):
+    """fp16 gradients underflow without loss scaling; for every other precision the scaler is a pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 # ------------------------------------------------------------------------------------ torchrun/DDP
@@ -234,26 +347,38 @@ def to_uint8(x):
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None):
-    """Tile (N, C, H, W) images in [-1, 1] into a PIL image, nrow images per row, with optional labels."""
+def font(size=13):
+    """A scalable font (Pillow >= 10.1); PIL's tiny bitmap font on older Pillow."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None, title=None):
+    """Tile (N, C, H, W) images in [-1, 1] into a PIL image, nrow images per row, with optional labels and title."""
     import torchvision
 
     grid = torchvision.utils.make_grid(to_uint8(images), nrow=nrow, padding=pad, pad_value=255)
     img = Image.fromarray(grid.permute(1, 2, 0).numpy())
     if scale != 1:
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-    if not (row_labels or col_labels):
+    if not (row_labels or col_labels or title):
         return img
-    left = 8 + 6 * max((len(s) for s in row_labels or []), default=0)
-    top = 14 if col_labels else 0
-    out = Image.new("RGB", (img.width + left, img.height + top), "white")
-    out.paste(img, (left, top))
+    f, measure = font(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 6 + max((measure.textlength(s, font=f) for s in row_labels or []), default=0)
+    top = (18 if title else 0) + (16 if col_labels else 0)
+    out = Image.new("RGB", (max(img.width + int(left), int(measure.textlength(title or "", font=f)) + 8),
+                            img.height + top), "white")
+    out.paste(img, (int(left), top))
     draw = ImageDraw.Draw(out)
-    cell_h, cell_w = images.shape[2] * scale + pad * scale, images.shape[3] * scale + pad * scale
+    if title:
+        draw.text((4, 2), title, fill="black", font=f)
+    cell_h, cell_w = (images.shape[2] + pad) * scale, (images.shape[3] + pad) * scale
     for i, s in enumerate(row_labels or []):
-        draw.text((2, top + i * cell_h + cell_h // 2 - 5), s, fill="black")
+        draw.text((2, top + i * cell_h + cell_h // 2), s, fill="black", font=f, anchor="lm")
     for j, s in enumerate(col_labels or []):
-        draw.text((left + j * cell_w + 2, 1), s, fill="black")
+        draw.text((int(left) + j * cell_w + 2, top - 15), s, fill="black", font=f)
     return out
 
 
@@ -261,24 +386,43 @@ def save_grid(images, path, nrow, **kwargs):
     grid_image(images, nrow, **kwargs).save(path)
 
 
-def save_gif(frames, path, nrow, scale=1, ms_per_frame=80):
+def save_gif(frames, path, nrow, scale=1, ms_per_frame=80, title=None):
     """frames: a list of (N, C, H, W) batches in [-1, 1]; the last frame is held for a second."""
-    imgs = [grid_image(f, nrow, scale=scale).convert("P", palette=Image.ADAPTIVE) for f in frames]
+    imgs = [grid_image(f, nrow, scale=scale, title=title).convert("P", palette=Image.ADAPTIVE) for f in frames]
     durations = [ms_per_frame] * (len(imgs) - 1) + [1000]
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
 
 
 def save_samples_npz(path, images, labels):
-    """Samples for outside evaluation (FID etc.): `images` uint8 (N, C, H, W), `labels` int64 (N,)."""
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, images=to_uint8(images).numpy(), labels=np.asarray(labels, dtype=np.int64))
-    os.replace(tmp, path)
+    """Samples for evaluation (evaluate.py, FID): `images` uint8 (N, C, H, W), `labels` int64 (N,), -1 = unconditional."""
+    pixels, labels = to_uint8(images).numpy(), np.asarray(labels, dtype=np.int64)
+    atomic_write(path, lambda tmp: np.savez(tmp, images=pixels, labels=labels))
 
 
 # ------------------------------------------------------------------------------------------- plots
-def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss", log_y=True, size=(640, 400)):
-    """Line plot with PIL (no matplotlib). curves: {name: list of y, or (xs, ys)}. Long noisy curves are
-    drawn faint with a moving average on top."""
+def nice_ticks(lo, hi, count=5, integer=False):
+    """About `count` round tick values (1, 2 or 5 times a power of ten) covering [lo, hi]."""
+    raw = (hi - lo) / max(count - 1, 1) or 1.0
+    step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
+    step = max(step, 1) if integer else step
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def log_ticks(e0, e1):
+    """Round ticks between 10**e0 and 10**e1: 1, 2, 5 times the powers of ten, or only the powers when that is plenty."""
+    decades = range(math.floor(e0), math.ceil(e1) + 1)
+    for mantissas in ((1,), (1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9)):
+        ticks = [m * 10.0 ** e for e in decades for m in mantissas if e0 <= math.log10(m * 10.0 ** e) <= e1]
+        if len(ticks) >= 3:
+            return ticks
+    return ticks
+
+
+def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss", log_y=True, size=(720, 420),
+                marks=()):
+    """Line plot with PIL (no matplotlib). curves: {name: list of y, or (xs, ys)}; marks: (x, label) pairs drawn as
+    dotted vertical lines (e.g. epochs). Long noisy curves are drawn faint with a moving average on top."""
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
     series = {}
     for name, c in curves.items():
@@ -287,31 +431,34 @@ def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss
         if keep:
             series[name] = keep
     W, H = size
-    L, R, T, B = 70, 20, 30, 45
+    L, R, T, B = 78, 20, 44, 50
     img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    d.text((L, 8), title, fill="black")
+    d, f = ImageDraw.Draw(img), font()
+    d.text((W // 2, 6), title, fill="black", font=font(15), anchor="mt")
+    d.text((6, T - 20), ylabel + (" (log scale)" if log_y else ""), fill="black", font=f)
+    d.text(((L + W - R) // 2, H - 6), xlabel, fill="black", font=f, anchor="mb")
     if not series:
         img.save(path)
         return
-    f = math.log10 if log_y else (lambda v: v)
-    all_x = [x for s in series.values() for x, _ in s]
-    all_y = [f(y) for s in series.values() for _, y in s]
-    x0, x1 = min(all_x), max(all_x)
-    y0, y1 = min(all_y), max(all_y)
+    g = math.log10 if log_y else (lambda v: v)
+    x0, x1 = min(x for s in series.values() for x, _ in s), max(x for s in series.values() for x, _ in s)
+    y0, y1 = min(g(y) for s in series.values() for _, y in s), max(g(y) for s in series.values() for _, y in s)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
     px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
-    py = lambda y: H - B - (f(y) - y0) / (y1 - y0) * (H - T - B)
+    py = lambda y: H - B - (g(y) - y0) / (y1 - y0) * (H - T - B)
     d.rectangle([L, T, W - R, H - B], outline="black")
-    for i in range(5):  # ticks: evenly spaced in plot space, labelled in data units
-        xv, yv = x0 + (x1 - x0) * i / 4, y0 + (y1 - y0) * i / 4
-        xp, yp = px(xv), H - B - (H - T - B) * i / 4
-        d.line([xp, H - B, xp, H - B + 4], fill="black")
-        d.text((xp - 12, H - B + 6), f"{xv:.4g}", fill="black")
-        d.line([L - 4, yp, L, yp], fill="black")
-        d.text((4, yp - 6), f"{10 ** yv if log_y else yv:.3g}", fill="black")
-    d.text(((L + W - R) // 2 - 3 * len(xlabel), H - 18), xlabel, fill="black")
-    d.text((4, T - 14), ylabel + (" (log)" if log_y else ""), fill="black")
+    for xv in nice_ticks(x0, x1, 6, integer=all(float(x).is_integer() for s in series.values() for x, _ in s)):
+        d.line([px(xv), H - B, px(xv), H - B + 4], fill="black")
+        d.text((px(xv), H - B + 6), f"{xv:,.10g}", fill="black", font=f, anchor="mt")
+    y_ticks = log_ticks(y0, y1) if log_y else nice_ticks(y0, y1, 5)
+    for yv in y_ticks:
+        d.line([L - 4, py(yv), L, py(yv)], fill="black")
+        d.text((L - 6, py(yv)), f"{yv:.3g}", fill="black", font=f, anchor="rm")
+    for x, label in marks:
+        if x0 <= x <= x1:
+            for y in range(T, H - B, 6):
+                d.line([px(x), y, px(x), y + 2], fill=(150, 150, 150))
+            d.text((px(x) + 2, T + 2), label, fill=(120, 120, 120), font=font(11))
     for k, (name, pts) in enumerate(series.items()):
         colour = colours[k % len(colours)]
         window = max(1, len(pts) // 50)
@@ -321,16 +468,75 @@ def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss
             ys = np.convolve([y for _, y in pts], np.ones(window) / window, mode="valid")
             pts = list(zip([x for x, _ in pts][window - 1:], ys))
         d.line([(px(x), py(y)) for x, y in pts], fill=colour, width=2)
-        d.text((W - R - 150, T + 6 + 14 * k), name, fill=colour)
+        d.text((W - R - 8, T + 8 + 16 * k), name, fill=colour, font=f, anchor="ra")
     img.save(path)
 
 
 # ------------------------------------------------------------------------------------- checkpoints
+TEMP = re.compile(r"\.tmp-(\d+)")  # the mark of atomic_write's temp files: name.tmp-PID[.ext]
+
+
+def atomic_write(path, write):
+    """write(tmp) to a temp file beside `path`, then rename it over `path`: a crash or a kill never leaves a half-written
+    file at `path`. The temp is removed on every exit Python controls (errors, a full disk, Ctrl-C, SIGTERM);
+    prepare_out removes those a SIGKILL left."""
+    tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"  # keeps the extension: np.savez would add .npz
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise UserError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); the previous file is kept; "
+                        f"free some space or pass another --out")
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temps(folder):
+    """Remove the temp files of processes that no longer exist (killed during a write)."""
+    for name in os.listdir(folder):
+        match = TEMP.search(name)
+        if match and not pid_alive(int(match.group(1))):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def checksum(state):
+    """sha256 of every tensor's bytes and every other value's repr, in a fixed order: a flipped byte changes it."""
+    h = hashlib.sha256()
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                h.update(str(key).encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+        else:
+            h.update(repr(value).encode())
+    visit(state)
+    return h.hexdigest()
+
+
 def save_checkpoint(path, state):
-    """Write to a temp file in the same folder, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Written atomically, with a checksum that load_checkpoint verifies."""
+    atomic_write(path, lambda tmp: torch.save(dict(state, checksum=checksum(state)), tmp))
+    LAST_CHECKPOINT["path"] = path
 
 
 def load_checkpoint(path, script, config=None, must_match=()):
@@ -346,9 +552,14 @@ def load_checkpoint(path, script, config=None, must_match=()):
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt); pass another one or retrain")
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         owner = ckpt.get("script") if isinstance(ckpt, dict) else None
-        raise UserError(f"{path} was written by {owner or 'another program'}, not {script}.py; pass a checkpoint of {script}.py")
-    if not isinstance(ckpt.get("config"), dict):
-        raise UserError(f"{path} has no saved settings, so it is not a checkpoint of {script}.py; pass one written by {script}.py")
+        raise UserError(f"{path} was written by {owner or 'another program'}, not {script}.py; "
+                        f"pass a checkpoint of {script}.py")
+    stored = ckpt.pop("checksum", None)
+    if stored is None or checksum(ckpt) != stored:
+        raise UserError(f"{path} is corrupt (its checksum does not match its contents); pass another one or retrain")
+    if not isinstance(ckpt.get("config"), dict) or not ckpt["config"]:
+        raise UserError(f"{path} has no saved settings, so it is not a checkpoint of {script}.py; "
+                        f"pass one written by {script}.py")
     for key in must_match:
         theirs, ours = ckpt["config"].get(key), (config or {}).get(key)
         if theirs != ours:
@@ -357,25 +568,45 @@ def load_checkpoint(path, script, config=None, must_match=()):
     return ckpt
 
 
+class Metrics:
+    """One JSON object per line in `path` (e.g. runs/<script>/metrics.jsonl): per-step losses, per-epoch summaries,
+    evaluation numbers, for your own plots. --resume appends; a fresh run starts the file anew."""
+
+    def __init__(self, path, fresh):
+        self.path = path
+        if fresh and os.path.exists(path):
+            os.remove(path)
+
+    def log(self, **fields):
+        fields = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in fields.items()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 2), **fields}) + "\n")
+
+
 # ---------------------------------------------------------------------------------------- progress
 class Progress:
-    """Prints `step 120/9380 | loss 0.0512 | 1234 img/s | ETA 3m12s` about every `every` seconds."""
+    """Prints `sampling 3000/50000 | epoch 3/10 | loss 0.0512 | 1234 img/s | ETA 3m12s` about every `every` seconds.
+    `total` counts the whole job (every part of a multi-part run), so the ETA is the job's."""
 
-    def __init__(self, total_steps, start_step=0, every=10.0, prefix="", enabled=True):
-        """start_step: the step a resumed run starts from, so the ETA counts only this run's steps."""
-        self.total, self.start_step, self.every, self.prefix, self.enabled = total_steps, start_step, every, prefix, enabled
+    def __init__(self, total, start=0, every=10.0, prefix="step", enabled=True):
+        """start: where a resumed job starts, so the ETA counts only this process's work."""
+        self.total, self.start_count, self.every, self.prefix, self.enabled = total, start, every, prefix, enabled
         self.start = self.last = time.time()
         self.images = 0
 
-    def update(self, step, loss, batch_images):
-        """Called after `step` (counted from the start of training) with the images trained since the last call."""
-        self.images += batch_images
+    def update(self, done, images, **fields):
+        """Called with the work done so far (in units of `total`), the images processed since the last call, and
+        fields to show (e.g. epoch="3/10", loss=0.05; a tensor is read only when a line is printed)."""
+        self.images += images
         now = time.time()
-        if not self.enabled or (now - self.last < self.every and step != self.total):
+        if not self.enabled or (now - self.last < self.every and done != self.total):
             return
+        shown = " | ".join(f"{k} {float(v):.4f}" if isinstance(v, (float, torch.Tensor)) else f"{k} {v}"
+                           for k, v in fields.items())
         rate = self.images / max(now - self.last, 1e-9)
-        eta = (self.total - step) * (now - self.start) / max(step - self.start_step, 1)
-        print(f"{self.prefix}step {step}/{self.total} | loss {loss:.4f} | {rate:.0f} img/s | ETA {format_time(eta)}", flush=True)
+        eta = (self.total - done) * (now - self.start) / max(done - self.start_count, 1)
+        print(f"{self.prefix} {done}/{self.total} | {shown + ' | ' if shown else ''}{rate:.0f} img/s | "
+              f"ETA {format_time(eta)}", flush=True)
         self.last, self.images = now, 0
 
 
@@ -384,3 +615,21 @@ def format_time(seconds):
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+# ------------------------------------------------------------------------------ sampling over ranks
+def rank_and_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_chunks(chunks):
+    """chunks: {index: uint8 array} that this rank made (each rank a share of the indices). Rank 0 returns all of them
+    concatenated in index order, so the result equals a one-process run; the other ranks return None."""
+    rank, world = rank_and_world()
+    if world > 1:
+        everyone = [None] * world
+        dist.all_gather_object(everyone, chunks)
+        chunks = {k: v for part in everyone for k, v in part.items()}
+    return np.concatenate([chunks[k] for k in sorted(chunks)]) if rank == 0 else None
