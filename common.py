@@ -1,5 +1,6 @@
 """The little code the four scripts share: errors, device, seeding, data, images, plots, checkpoints,
 progress and torchrun/DDP. Everything about a method (networks, losses, samplers) lives in its script."""
+import argparse
 import hashlib
 import io
 import json
@@ -48,6 +49,18 @@ def run(main):
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help in one style for every script: the module docstring as written, and each flag's real default shown once
+    (none is shown for flags without one, e.g. switches and optional files)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        return f"{text} (default: {default})"
 
 
 def check_finite(args):
