@@ -1,5 +1,11 @@
 """common.py: the pixel conversions, files, checkpoints, RNG and data loading every script relies on."""
+import argparse
+import json
 import os
+import pickle
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +13,7 @@ import torch
 from PIL import Image
 
 import common
-from helpers import make_cifar_root, make_mnist_root, shapes
+from helpers import REPO, make_cifar_root, make_fashion_root, make_mnist_root, shapes
 
 
 def test_to_uint8_inverts_the_model_scaling():
@@ -131,3 +137,267 @@ def test_rank_rng_state_continues_or_reseeds():
     assert len(states) == 1 and torch.equal(torch.rand(3), expected)  # the saved stream continues
     common.set_rank_rng_state(states * 2, fresh_seed=99)  # saved by 2 processes, resumed by 1: a fresh stream
     assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(99)))  # seed 99 + rank 0
+
+
+# ---------------------------------------------------------------------------- precision and GPU decisions
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_follows_native_bf16(capability, expected):
+    assert common.choose_precision("auto", "cuda", capability) == expected  # T4/V100 fp16 + scaler; Ampere+ bf16
+    assert common.choose_precision("auto", "cpu") == "fp32" and common.choose_precision("bf16", "cpu") == "bf16"
+
+
+@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+def test_autocast_and_scaler_run_a_step_on_the_cpu(precision, dtype):
+    cpu = torch.device("cpu")
+    model = torch.nn.Linear(8, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = common.grad_scaler(cpu, precision)
+    assert scaler.is_enabled() == (precision == "fp16")
+    before = model.weight.detach().clone()
+    with common.autocast(cpu, precision):
+        out = model(torch.randn(4, 8))
+    assert out.dtype == dtype
+    scaler.scale(out.float().pow(2).mean()).backward()
+    scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    assert model.weight.dtype == torch.float32 and not torch.equal(model.weight, before)  # weights stay fp32, and moved
+
+
+# ------------------------------------------------------------------------------------------ bad flags
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_float_flags_are_refused(value):
+    with pytest.raises(common.UserError, match="--lr must be a finite number"):
+        common.check_finite(argparse.Namespace(lr=value, epochs=3))
+    with pytest.raises(common.UserError, match="--cfg-interval must be a finite number"):
+        common.check_finite(argparse.Namespace(cfg_interval=[0.1, value]))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**31, 2**64])
+def test_seeds_numpy_cannot_take_are_refused(seed):
+    with pytest.raises(common.UserError, match="--seed must be between 0 and"):
+        common.check_seed(argparse.Namespace(seed=seed))
+
+
+def test_nan_is_not_positive():
+    with pytest.raises(common.UserError, match="--lr must be positive"):
+        common.check_positive(argparse.Namespace(lr=float("nan")), "lr")
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda0", "tpu"])
+def test_unknown_device_names_are_refused(name):
+    with pytest.raises(common.UserError, match="cpu, cuda, cuda:N or mps"):
+        common.get_device(name)
+
+
+def test_help_shows_each_real_default_once_and_no_none():
+    p = argparse.ArgumentParser(formatter_class=common.HelpFormatter)
+    p.add_argument("--lr", type=float, default=2e-4, help="learning rate")
+    p.add_argument("--resume", help="a checkpoint")
+    p.add_argument("--no-flip", action="store_true", help="no flips")
+    p.add_argument("--interval", nargs=2, type=float, default=[0.1, 1.0], help="interval")
+    text = " ".join(p.format_help().split())
+    assert "learning rate (default: 0.0002)" in text and "interval (default: 0.1 1.0)" in text
+    assert "None" not in text and "False" not in text
+
+
+# ------------------------------------------------------------------------------------ files and folders
+@pytest.mark.parametrize("make_target, fragment", [
+    (lambda p: p.mkdir(), "not a regular file"),              # a directory named x.npz
+    (lambda p: None, None),                                    # absent: fine
+])
+def test_output_file_target_itself_is_checked(tmp_path, make_target, fragment):
+    target = tmp_path / "x.npz"
+    make_target(target)
+    if fragment is None:
+        assert common.check_output_file(str(target), "--save-samples") == str(target)
+        assert os.listdir(tmp_path) == []  # the probe is removed
+    else:
+        with pytest.raises(common.UserError, match=fragment):
+            common.check_output_file(str(target), "--save-samples")
+
+
+def test_output_file_in_proc_is_refused_even_as_root():
+    with pytest.raises(common.UserError, match="--save-samples"):
+        common.check_output_file("/proc/x.npz", "--save-samples")
+
+
+def test_atomic_write_failure_keeps_the_old_file_and_no_temp(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_text("good")
+
+    def fail(tmp):
+        open(tmp, "w").write("half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(common.UserError, match="No space left on device.*previous file is kept"):
+        common.atomic_write(str(path), fail)
+    assert path.read_text() == "good" and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_atomic_write_interrupted_leaves_no_temp(tmp_path):
+    def interrupted(tmp):
+        open(tmp, "w").write("half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        common.atomic_write(str(tmp_path / "s.npz"), interrupted)
+    assert os.listdir(tmp_path) == []
+
+
+def test_prepare_out_removes_only_dead_processes_temps(tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has ended
+    (tmp_path / f"last.pt.tmp-{dead_pid}").write_text("stale")
+    (tmp_path / f"s.npz.tmp-{dead_pid}.npz").write_text("stale")
+    (tmp_path / f"last.pt.tmp-{os.getpid()}").write_text("ours, being written")
+    common.prepare_out(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == [f"last.pt.tmp-{os.getpid()}"]
+
+
+def test_out_lock_refuses_a_second_holder_naming_its_pid(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common; common.lock_out(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(30)", str(tmp_path)],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(common.UserError, match=f"pid {holder.pid}"):
+            common.lock_out(str(tmp_path))
+    finally:
+        holder.kill()
+        holder.wait()
+    common.lock_out(str(tmp_path))  # released by the OS when the holder died, even killed
+
+
+def test_fresh_run_into_an_existing_run_is_refused(tmp_path):
+    ckpt = tmp_path / "last.pt"
+    common.check_fresh_run(str(ckpt), resume=None, overwrite=False, script="cifar_cfg")  # nothing there: fine
+    ckpt.write_text("x")
+    with pytest.raises(common.UserError, match="--resume .*--overwrite"):
+        common.check_fresh_run(str(ckpt), resume=None, overwrite=False, script="cifar_cfg")
+    common.check_fresh_run(str(ckpt), resume=str(ckpt), overwrite=False, script="cifar_cfg")
+    common.check_fresh_run(str(ckpt), resume=None, overwrite=True, script="cifar_cfg")
+
+
+def test_flipped_checkpoint_bytes_are_refused(tmp_path):
+    path = tmp_path / "last.pt"
+    common.save_checkpoint(str(path), {"script": "mnist_unet", "config": {"a": 1}, "model": {"w": torch.zeros(4096)}})
+    raw = bytearray(path.read_bytes())
+    offset = raw.index(bytes(4096 * 4)) + 1000  # inside the stored zeros of w
+    raw[offset] ^= 0x40
+    path.write_bytes(bytes(raw))
+    with pytest.raises(common.UserError, match="checksum does not match"):
+        common.load_checkpoint(str(path), "mnist_unet")
+
+
+def test_checkpoint_with_an_empty_config_is_refused(tmp_path):
+    path = str(tmp_path / "empty.pt")
+    common.save_checkpoint(path, {"script": "celeba_jit", "config": {}, "model": {}})
+    with pytest.raises(common.UserError, match="no saved settings"):
+        common.load_checkpoint(path, "celeba_jit")
+
+
+def test_metrics_file_appends_json_lines(tmp_path):
+    path = str(tmp_path / "metrics.jsonl")
+    common.Metrics(path, fresh=True).log(step=1, loss=torch.tensor(0.5))
+    common.Metrics(path, fresh=False).log(epoch=1, loss=0.25)  # a resumed run appends
+    rows = [json.loads(line) for line in open(path)]
+    assert [(r.get("step"), r.get("epoch"), r["loss"]) for r in rows] == [(1, None, 0.5), (None, 1, 0.25)]
+    common.Metrics(path, fresh=True).log(step=1, loss=1.0)  # a fresh run starts anew
+    assert len(open(path).readlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------- data
+def test_fashion_layout_and_class_names(tmp_path):
+    root = make_fashion_root(tmp_path, n=30, n_test=20)
+    train, test = common.load_dataset("fashion", root), common.load_dataset("fashion", root, train=False)
+    assert train[0].shape == (30, 1, 28, 28) and test[0].shape == (20, 1, 28, 28)
+    assert common.CLASS_NAMES["fashion"][9] == "Ankle boot"
+
+
+def test_crafted_cifar_pickle_runs_no_code(tmp_path):
+    root = make_cifar_root(tmp_path, n=20)
+    marker = tmp_path / "MARKER"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    batch = os.path.join(root, "cifar-10-batches-py", "data_batch_1")
+    with open(batch, "wb") as f:
+        pickle.dump({"data": Evil(), "labels": [0]}, f)
+    with pytest.raises(common.UserError, match="data_batch_1 is not a CIFAR-10 python batch"):
+        common.load_dataset("cifar10", root)
+    assert not marker.exists()
+
+
+def test_label_count_and_range_are_checked_at_load(tmp_path):
+    root = make_mnist_root(tmp_path, n=20)
+    labels = os.path.join(root, "MNIST", "raw", "train-labels-idx1-ubyte")
+    raw = open(labels, "rb").read()
+    open(labels, "wb").write(raw[:4] + (19).to_bytes(4, "big") + raw[8:-1])  # 19 labels for 20 images
+    with pytest.raises(common.UserError, match="19 labels for 20 images"):
+        common.load_dataset("mnist", root)
+    open(labels, "wb").write(raw[:-1] + bytes([12]))  # a label 12 in a 10-class set
+    with pytest.raises(common.UserError, match="labels outside 0..9"):
+        common.load_dataset("mnist", root)
+
+
+def test_failed_download_names_the_layout_and_leaves_no_folder(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: network is unreachable")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    data = tmp_path / "data"
+    with pytest.raises(common.UserError) as e:
+        common.load_dataset("fashion", str(data))
+    message = str(e.value)
+    for fragment in (str(data), "network is unreachable", "gunzipped", "dataset-fashion-mnist", "Running offline",
+                     "FashionMNIST/raw/"):
+        assert fragment in message, message
+    assert not data.exists()
+
+
+# ------------------------------------------------------------------------------------- plots and grids
+def test_ticks_are_round():
+    assert common.nice_ticks(0, 39.75, 6, integer=True) == [0, 10, 20, 30]
+    assert common.nice_ticks(1, 390.8, 6, integer=True) == [100, 200, 300]
+    assert common.log_ticks(-1.3, 0) == [0.1, 0.2, 0.5, 1.0]
+
+
+def test_grid_title_and_labels_are_drawn_in_black(tmp_path):
+    images = torch.ones(4, 1, 8, 8)  # white images: any dark pixel is text
+    plain = common.grid_image(images, nrow=2)
+    titled = common.grid_image(images, nrow=2, title="samples, w=3", row_labels=["Ankle boot", "Bag"])
+    assert titled.height >= plain.height + 15 and titled.width > plain.width
+    ink = np.asarray(titled.convert("L"))
+    assert (ink[:16] < 100).sum() > 20  # the title's pixels at the top
+    assert (ink[16:, :40] < 100).sum() > 20  # the row labels at the left
+
+
+def test_progress_line_shows_fields_and_whole_job_eta(capsys):
+    progress = common.Progress(total=100, every=0.0, prefix="sampling")
+    progress.update(50, 10, epoch="2/4", loss=torch.tensor(0.25))
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("sampling 50/100 | epoch 2/4 | loss 0.2500 |") and "ETA" in line
+
+
+def test_gather_chunks_in_one_process_orders_by_index():
+    chunks = {2: np.full((1, 1), 2), 0: np.zeros((2, 1)), 1: np.ones((1, 1))}
+    assert common.gather_chunks(chunks).ravel().tolist() == [0, 0, 1, 2]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
+def test_interrupt_is_one_line_naming_the_last_checkpoint(tmp_path, sig, code):
+    program = ("import sys, time, common\n"
+               "def main():\n"
+               "    common.save_checkpoint(sys.argv[1], {'script': 's', 'config': {'a': 1}})\n"
+               "    print('saved', flush=True)\n"
+               "    time.sleep(30)\n"
+               "common.run(main)\n")
+    ckpt = str(tmp_path / "last.pt")
+    proc = subprocess.Popen([sys.executable, "-c", program, ckpt], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saved"
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code and "Traceback" not in err
+    assert err.strip() == f"interrupted; the last checkpoint is {ckpt}, continue with --resume {ckpt}"
