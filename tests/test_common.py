@@ -196,8 +196,10 @@ def test_help_shows_each_real_default_once_and_no_none():
     p.add_argument("--resume", help="a checkpoint")
     p.add_argument("--no-flip", action="store_true", help="no flips")
     p.add_argument("--interval", nargs=2, type=float, default=[0.1, 1.0], help="interval")
+    p.add_argument("--seed", type=int, default=0, help="seed")
     text = " ".join(p.format_help().split())
     assert "learning rate (default: 0.0002)" in text and "interval (default: 0.1 1.0)" in text
+    assert "seed (default: 0)" in text
     assert "None" not in text and "False" not in text
 
 

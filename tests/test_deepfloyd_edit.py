@@ -1,15 +1,20 @@
-"""deepfloyd_edit.py: the hand-written schedule, variance and step against diffusers' DDPMScheduler, the editing tricks on
-the exact denoiser, the deepfloyd code path through a tiny randomly initialised IF-layout UNet, and every bad input."""
+"""deepfloyd_edit.py: the hand-written schedule, variance and step against diffusers' DDPMScheduler, the
+editing tricks on the exact denoiser, the figures, the deepfloyd code path through a tiny randomly initialised
+IF-layout UNet, precision, and every bad input."""
+import errno
 import os
 import sys
-from types import SimpleNamespace
+import types
+import warnings
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 
+import common
 import deepfloyd_edit as de
 from common import UserError
 from helpers import assert_user_error, make_image_folder, run_script
@@ -23,22 +28,26 @@ EMB_DIM = 24
 
 def if_scheduler(timesteps=TS, **config):
     """IF stage 1's scheduler config (thresholding off by default, as in the course's own loop)."""
-    config = dict(dict(thresholding=False, clip_sample=False, dynamic_thresholding_ratio=0.95, sample_max_value=1.5), **config)
-    s = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", variance_type="learned_range", **config)
+    config = dict(dict(thresholding=False, clip_sample=False, dynamic_thresholding_ratio=0.95,
+                       sample_max_value=1.5), **config)
+    s = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                      variance_type="learned_range", **config)
     s.set_timesteps(timesteps=timesteps)
     return s
 
 
 def tiny_if_unet():
-    """IF stage 1's layout (ResnetDownsample + SimpleCrossAttn blocks, scale-shift, text_proj + text pooling, 6 outputs), tiny."""
+    """IF stage 1's layout (ResnetDownsample + SimpleCrossAttn blocks, scale-shift, text_proj + text pooling,
+    6 outputs), tiny."""
     torch.manual_seed(0)
     return UNet2DConditionModel(
         sample_size=64, in_channels=3, out_channels=6, layers_per_block=1, block_out_channels=(16, 32),
         down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
-        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"), mid_block_type="UNetMidBlock2DSimpleCrossAttn",
-        cross_attention_dim=32, attention_head_dim=8, encoder_hid_dim=EMB_DIM, encoder_hid_dim_type="text_proj",
-        addition_embed_type="text", addition_embed_type_num_heads=2, resnet_time_scale_shift="scale_shift",
-        norm_num_groups=8, act_fn="gelu").eval()
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=32, attention_head_dim=8,
+        encoder_hid_dim=EMB_DIM, encoder_hid_dim_type="text_proj", addition_embed_type="text",
+        addition_embed_type_num_heads=2, resnet_time_scale_shift="scale_shift", norm_num_groups=8,
+        act_fn="gelu").eval()
 
 
 def exact_estimate(prompt=""):
@@ -49,12 +58,25 @@ def nearest_set_image(x):
     return ((SET_IMAGES[None] - x[:, None]) ** 2).flatten(2).mean(2).argmin(1)
 
 
+def context(out, stride=30, **settings):
+    """The tasks' Context on the exact backend with the built-in set and photos, as main builds it."""
+    photos, names = de.builtin_photos()
+    mask = torch.zeros(1, 64, 64)
+    mask[:, 2:24, 22:42] = 1
+    values = dict(prompt="", edit_prompt="a rocket ship", anagram=["a smiley face", "a house"],
+                  hybrid=["a smiley face", "a house"], cfg=1.0, samples=2, threshold=False, seed=189)
+    return de.Context(model=EXACT, abar=ABAR, ts=de.strided_timesteps(stride), images=torch.stack(photos),
+                      image_names=names, mask=mask, out=str(out), backend="exact",
+                      progress=common.Progress(1, enabled=False), **dict(values, **settings))
+
+
 # ------------------------------------------------------------------------------ parity with diffusers
 def test_schedule_matches_diffusers():
     theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2").alphas_cumprod
     assert ABAR.dtype == torch.float32
     assert (ABAR - theirs).abs().max() < 1e-6
-    for t, value in [(0, 0.99995869), (250, 0.84588802), (500, 0.49228504), (750, 0.14317866), (990, 1.9671733e-4)]:
+    for t, value in [(0, 0.99995869), (250, 0.84588802), (500, 0.49228504), (750, 0.14317866),
+                     (990, 1.9671733e-4)]:
         assert abs(ABAR[t].item() - value) < 1e-6 * max(1, value * 10)
     assert TS[:3] == [990, 960, 930] and TS[-1] == 0 and len(TS) == 34
     assert de.strided_timesteps(100)[-2:] == [90, 0]
@@ -73,50 +95,73 @@ def test_learned_range_variance_matches_diffusers():
 def test_strided_step_matches_diffusers(threshold):
     sched = if_scheduler(thresholding=threshold)
     g = torch.Generator().manual_seed(1)
-    x_t, eps = torch.randn(2, 3, 16, 16, generator=g) * 1.5, torch.randn(2, 3, 16, 16, generator=g)
+    x_t = torch.randn(2, 3, 16, 16, generator=g) * 1.5
+    eps = torch.randn(2, 3, 16, 16, generator=g)
     v = torch.rand(2, 3, 16, 16, generator=g) * 2 - 1
     for t, t_prev in [(990, 960), (690, 660), (30, 0)]:
         z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(t))
         ours = de.ddpm_step(x_t, eps, v, ABAR[t], ABAR[t_prev], z, threshold)
-        theirs = sched.step(torch.cat([eps, v], 1), t, x_t, generator=torch.Generator().manual_seed(t)).prev_sample
+        gen = torch.Generator().manual_seed(t)
+        theirs = sched.step(torch.cat([eps, v], 1), t, x_t, generator=gen).prev_sample
         assert torch.allclose(ours, theirs, atol=1e-5, rtol=1e-4), (t, (ours - theirs).abs().max())
     x0 = de.dynamic_threshold(torch.randn(2, 3, 16, 16) * 3)
     assert x0.abs().max() <= 1 + 1e-6  # thresholding maps into [-1, 1]
 
 
 def test_deepfloyd_path_matches_diffusers_two_steps():
-    """The deepfloyd backend + CFG + sampler for two steps equals the same steps through diffusers' own scheduler."""
+    """The deepfloyd backend + CFG + sampler for two steps equals the same steps through diffusers."""
     unet = tiny_if_unet()
     g = torch.Generator().manual_seed(2)
     embeds = {"": torch.randn(1, 77, EMB_DIM, generator=g), "a cat": torch.randn(1, 77, EMB_DIM, generator=g)}
     model = de.DeepFloydDenoiser(unet, embeds, torch.device("cpu"), torch.float32)
-    ts, gamma = [990, 500, 0], 7.0
+    ts = [990, 500, 0]
+    w = 7.0
     x_start = torch.randn(1, 3, 64, 64, generator=g)
-    ours, xs = de.iterative_denoise(lambda x, t: de.cfg_estimate(model, x, t, ["a cat"], gamma), x_start, 0, ts, ABAR,
-                                    torch.Generator().manual_seed(3))
+    def estimate(x, t):
+        return de.guided_eps(model, x, t, ["a cat"], w)
+    ours, xs = de.iterative_denoise(estimate, x_start, 0, ts, ABAR, torch.Generator().manual_seed(3))
     assert len(xs) == 3 and ours.shape == (1, 3, 64, 64)
 
-    sched, gen, x = if_scheduler(ts), torch.Generator().manual_seed(3), x_start
+    sched = if_scheduler(ts)
+    gen = torch.Generator().manual_seed(3)
+    x = x_start
     emb = torch.cat([embeds["a cat"], embeds[""]])
     with torch.no_grad():
         for t in ts[:-1]:
             out = unet(torch.cat([x, x]), t, encoder_hidden_states=emb).sample
-            (eps_c, eps_u), v_c = out[:, :3].chunk(2), out[:1, 3:]
-            x = sched.step(torch.cat([eps_u + gamma * (eps_c - eps_u), v_c], 1), t, x, generator=gen).prev_sample
+            eps_c, eps_u = out[:, :3].chunk(2)
+            guided = torch.cat([eps_u + w * (eps_c - eps_u), out[:1, 3:]], 1)
+            x = sched.step(guided, t, x, generator=gen).prev_sample
     assert torch.allclose(ours, x, atol=1e-4), (ours - x).abs().max()
 
 
+def test_guidance_at_w1_is_the_conditional_estimate_in_one_pass():
+    calls = []
+
+    def model(x_t, t, prompts):
+        calls.append(list(prompts))
+        return EXACT(x_t, t, prompts)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    eps, _ = de.guided_eps(model, x, 500, ["a house"] * 2, 1.0)
+    assert calls == [["a house", "a house"]]
+    assert torch.equal(eps, EXACT(x, 500, ["a house"] * 2)[0])
+    guided, _ = de.guided_eps(model, x, 500, ["a house"] * 2, 3.0)
+    assert calls[1] == ["a house", "a house", "", ""]  # cond and uncond in one batch
+    eps_u = EXACT(x, 500, ["", ""])[0]
+    assert torch.allclose(guided, eps_u + 3 * (eps - eps_u), atol=1e-5)
+
+
 # -------------------------------------------------------------------------------- the exact denoiser
-def test_x0_from_eps_recovers_a_set_image_at_small_t_and_the_mean_at_large_t():
+def test_x0_from_eps_recovers_a_set_image_at_small_t_and_a_blend_at_large_t():
     y = SET_IMAGES[[0, 7]]
     for t, close in [(30, True), (990, False)]:
-        x_t = de.forward(y, ABAR[t], torch.randn(y.shape, generator=torch.Generator().manual_seed(t)))
+        x_t = de.add_noise(y, ABAR[t], torch.randn(y.shape, generator=torch.Generator().manual_seed(t)))
         eps, v = EXACT(x_t, t, ["", ""])
         x0 = de.x0_from_eps(x_t, eps, ABAR[t])
         assert v.eq(-1).all()
         if close:
             assert (x0 - y).abs().max() < 1e-3
-        else:  # almost no signal left: the posterior mean is close to the mean of the set, far from any one image
+        else:  # almost no signal left: the posterior mean is near the mean of the set, far from any one image
             assert (x0 - y).abs().mean() > 0.1
             assert (x0 - SET_IMAGES.mean(0)).abs().mean() < (x0 - y).abs().mean()
 
@@ -126,7 +171,8 @@ def test_iterative_denoising_returns_the_noised_set_image():
     g = torch.Generator().manual_seed(4)
     i = de.start_index(TS, 690)
     assert (i, TS[i]) == (10, 690)
-    out, xs = de.iterative_denoise(exact_estimate(), de.forward(y, ABAR[690], de.randn(y, g)), i, TS, ABAR, g)
+    x_t = de.add_noise(y, ABAR[690], de.randn(y, g))
+    out, xs = de.iterative_denoise(exact_estimate(), x_t, i, TS, ABAR, g)
     assert len(xs) == len(TS) - i
     assert nearest_set_image(out).tolist() == [1, 5, 10]
     assert (out - y).abs().mean() < 0.01
@@ -145,9 +191,10 @@ def test_inpainting_keeps_the_unmasked_pixels_exactly():
     photos, _ = de.builtin_photos()
     x = photos[0][None].expand(2, -1, -1, -1)
     m = torch.zeros(1, 1, 64, 64)
-    m[..., 2:24, 22:42] = 1
+    m[..., 2:24, 22:42] = 1  # a partial mask: 440 of 4096 pixels are regenerated
     g = torch.Generator().manual_seed(6)
-    out, _ = de.iterative_denoise(exact_estimate(), de.forward(x, ABAR[990], de.randn(x, g)), 0, TS, ABAR, g, inpaint=(x, m))
+    x_t = de.add_noise(x, ABAR[990], de.randn(x, g))
+    out, _ = de.iterative_denoise(exact_estimate(), x_t, 0, TS, ABAR, g, inpaint=(x, m))
     keep = (m == 0).expand_as(x)
     assert torch.equal(out[keep], x[keep])
     assert (out - x)[~keep].abs().mean() > 0.1  # the hole was regenerated
@@ -160,15 +207,15 @@ def test_sdedit_from_the_last_index_keeps_the_image_and_from_t390_memorises():
     same = de.sdedit(exact_estimate(), x, 0, TS, ABAR, g)
     assert (same - x).abs().max() < 0.05
     edited = de.sdedit(exact_estimate(), x, 390, TS, ABAR, g)
-    assert (edited - SET_IMAGES[nearest_set_image(edited)]).abs().mean() < 0.01  # the exact denoiser returns a set image
+    assert (edited - SET_IMAGES[nearest_set_image(edited)]).abs().mean() < 0.01  # it returns a set image
 
 
 def test_filters_and_hybrid():
     x = torch.randn(2, 3, 64, 64)
     assert torch.allclose(de.gaussian_blur(x), tv_gaussian_blur(x, [33, 33], [2.0, 2.0]), atol=1e-5)
     assert torch.allclose(de.gaussian_blur(x, 5, 2.0), tv_gaussian_blur(x, [5, 5], [2.0, 2.0]), atol=1e-5)
-    assert torch.allclose(de.hybrid_combine(x, x), x, atol=1e-5)  # low-pass + high-pass of one estimate is that estimate
-    assert not torch.allclose(de.hybrid_combine(x, torch.zeros_like(x)), x, atol=0.1)  # and of two, a real mix
+    assert torch.allclose(de.hybrid_combine(x, x), x, atol=1e-5)  # low-pass + high-pass of one estimate is it
+    assert not torch.allclose(de.hybrid_combine(x, torch.zeros_like(x)), x, atol=0.1)  # of two, a real mix
 
 
 def test_views_and_anagram_symmetry():
@@ -176,86 +223,259 @@ def test_views_and_anagram_symmetry():
     for fwd, inv in de.VIEWS.values():
         assert torch.equal(inv(fwd(x)), x) and not torch.equal(fwd(x), x)
     p1, p2, flip = "a smiley face", "a house", de.VIEWS["flip"][0]
-    a, _ = de.anagram_estimate(EXACT, x, 500, p1, p2, "flip", 3.0)
-    b, _ = de.anagram_estimate(EXACT, flip(x), 500, p2, p1, "flip", 3.0)
+    a, _ = de.anagram_eps(EXACT, x, 500, p1, p2, "flip", 3.0)
+    b, _ = de.anagram_eps(EXACT, flip(x), 500, p2, p1, "flip", 3.0)
     assert torch.allclose(flip(a), b, atol=1e-4)
     assert not torch.allclose(a, b, atol=1e-2)
 
 
-# ---------------------------------------------------------------------------------------------- CLI
-def test_cli_every_task_on_the_exact_backend(tmp_path):
-    out = tmp_path / "out"
-    r = run_script("deepfloyd_edit.py", "--out", out, "--samples", 2, "--steps-stride", 66)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert sorted(os.listdir(out)) == sorted(f"{t}.png" for t in de.TASKS)
-    assert Image.open(out / "sdedit.png").size[0] > 7 * 128  # 6 noise levels + the original, at scale 2
+# ------------------------------------------------------------------------------------------- figures
+def test_iterative_figure_runs_in_denoising_order(tmp_path):
+    c = context(tmp_path)
+    panels, labels = de.iterative_panels(c)
+    assert labels == ["t=690", "t=540", "t=390", "t=240", "t=90", "iterative", "1-step", "blur", "original"]
+    clean = panels[5]
+    distances = [(p - clean).abs().mean().item() for p in panels[:5]]
+    assert distances == sorted(distances, reverse=True) and distances[-1] < 0.5 * distances[0]  # less noisy
 
 
-def test_cli_user_image_set_photo_and_mask(tmp_path):
-    for name in ["a red thing", "a blue thing"]:
-        make_image_folder(tmp_path / "set" / name, n=3)
-    make_image_folder(tmp_path / "photos", n=2, size=(80, 60))
+def test_onestep_retrieves_a_set_image_at_t250_and_blends_the_set_at_t990(tmp_path):
+    c = context(tmp_path)
+    noisy = de.noisy_image(c, de.ONESTEP_TS)
+    assert torch.equal(noisy[:3], de.noisy_image(c, de.FORWARD_TS))  # the same x_t as the forward figure
+    x0 = de.one_step(c, noisy, de.ONESTEP_TS)
+    rms = ((SET_IMAGES[None] - x0[:, None]) ** 2).flatten(2).mean(2).sqrt()  # (t, set image)
+    assert rms[0].min() < 1e-3 and SET_NAMES[rms[0].argmin()] == "a house"  # t = 250: one image, retrieved
+    to_mean = ((x0[3] - SET_IMAGES.mean(0)) ** 2).mean().sqrt()
+    assert rms[3].min() > 0.3 and to_mean < rms[3].min()  # t = 990: nearer the set mean than any image
+
+
+# task -> (rows, images per row, has column labels): the layout each figure must have at samples=2, stride 66
+LAYOUT = {"forward": (1, 4, True), "blur": (2, 3, True), "onestep": (2, 5, True), "iterative": (1, 6, True),
+          "sample": (1, 2, False), "cfg": (2, 2, False), "sdedit": (2, 7, True), "inpaint": (1, 4, True),
+          "img2img": (2, 7, True), "anagram": (3, 2, True), "hybrid": (2, 3, True)}
+
+
+@pytest.mark.parametrize("task", list(de.TASKS))
+def test_every_task_writes_a_titled_figure_and_counts_its_denoiser_calls(task, tmp_path):
+    c = context(tmp_path, stride=66)
+    with torch.no_grad():
+        de.TASKS[task](c)
+    assert c.steps_done == de.task_steps(task, c.ts, c.cfg)  # the progress line's total is exact
+    img = np.asarray(Image.open(tmp_path / f"{task}.png").convert("L"))
+    rows, cols, col_labels = LAYOUT[task]
+    top = 18 + (16 if col_labels else 0)  # common.grid_image: title line, then column labels
+    assert img.shape[0] == top + 2 * (66 * rows + 2)  # 64 px + 2 px padding per image, at scale 2
+    assert img.shape[1] >= 2 * (66 * cols + 2)
+    assert (img[:18] < 100).sum() > 50  # the title's text is there
+    assert img[top:].std() > 20  # and the panels are not blank
+
+
+def test_figure_titles_name_the_prompt_and_the_unconditional_one():
+    assert de.quoted("") == "'' (unconditional)"
+    assert de.quoted("a house") == "'a house'"
+
+
+def test_mask_is_read_without_a_numpy_warning(tmp_path):
+    make_image_folder(tmp_path / "photos", n=1, size=(80, 60))
     photo = tmp_path / "photos" / "0000.jpg"
-    Image.new("L", Image.open(photo).size, 255).save(tmp_path / "mask.png")
-    r = run_script("deepfloyd_edit.py", "--images", tmp_path / "set", "--image", photo, tmp_path / "photos" / "0001.png",
-                   "--mask", tmp_path / "mask.png", "--task", "inpaint", "--out", tmp_path / "out", "--steps-stride", 90)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert os.path.isfile(tmp_path / "out" / "inpaint.png")
-    r = run_script("deepfloyd_edit.py", "--image", tmp_path / "nope.png", "--out", tmp_path / "bad")
-    assert_user_error(r, "nope.png", "does not exist")
-    assert not os.path.exists(tmp_path / "bad")
+    mask = np.zeros((60, 80), np.uint8)
+    mask[:30] = 255  # the top half is regenerated
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        images, names, m = de.load_inputs([str(photo)], str(tmp_path / "mask.png"))
+    assert images.shape == (1, 3, 64, 64) and names == ["0000.jpg"]
+    assert m.shape == (1, 64, 64) and m[:, :31].eq(1).all() and m[:, 33:].eq(0).all()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def test_cli_every_task_on_the_exact_backend(tmp_path, capsys):
+    de.main(["--out", str(tmp_path / "out"), "--samples", "2", "--steps-stride", "66"])
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(f"{t}.png" for t in de.TASKS)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "precision: fp32 (the exact backend always computes in fp32)"
+    assert "denoising step" not in out  # the exact backend finishes in seconds: no progress lines
+
+
+def test_help_shows_every_default_once(capsys):
+    with pytest.raises(SystemExit):
+        de.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ["(default: runs/deepfloyd_edit)", "(default: DeepFloyd/IF-I-XL-v1.0)", "(default: 30)",
+                    "(default: 'an oil painting of an old man' 'an oil painting of people around a campfire'",
+                    "(default: 'a lithograph of a skull' 'a lithograph of waterfalls' on deepfloyd",
+                    "(default: 7 on deepfloyd", "(default: 189)", "(default: auto)", "(default: all)"]:
+        assert default in text
+    assert "default: None" not in text and "default: False" not in text
+    assert text.count("(default") == 18  # every flag with a default shows it once; the two switches have none
+    assert text.startswith("usage:") and "every formula hand-written" in text  # the module docstring
+
+
+@pytest.mark.parametrize("flag,device,capability,expected", [
+    ("auto", "cuda", (7, 5), "fp16"), ("auto", "cuda", (8, 0), "fp16"), ("auto", "cpu", None, "fp32"),
+    ("bf16", "cuda", (8, 0), "bf16"), ("bf16", "cpu", None, "bf16"), ("fp32", "cuda", (9, 0), "fp32"),
+    ("fp16", "cpu", None, "fp16 needs a CUDA GPU"), ("bf16", "cuda", (7, 5), "bf16 needs a GPU with native")])
+def test_precision_choice(flag, device, capability, expected):
+    if " " in expected:
+        with pytest.raises(UserError, match=expected):
+            de.choose_precision(flag, device, capability)
+    else:
+        assert de.choose_precision(flag, device, capability) == expected
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A local 'model id': a folder holding unet/ only (no text encoder), and an embeddings file of every default prompt."""
+    """A local 'model id': a folder holding unet/ only (no text encoder), and an embeddings file of every
+    default prompt."""
     root = tmp_path_factory.mktemp("if")
     tiny_if_unet().save_pretrained(root / "model" / "unet")
-    prompts = ["", de.DEEPFLOYD_DEFAULTS["prompt"], de.DEEPFLOYD_DEFAULTS["edit_prompt"],
-               *de.DEEPFLOYD_DEFAULTS["anagram"], *de.DEEPFLOYD_DEFAULTS["hybrid"]]
+    d = de.DEEPFLOYD_DEFAULTS
+    prompts = ["", d["prompt"], d["edit_prompt"], *d["anagram"], *d["hybrid"]]
     torch.save({p: torch.randn(1, 77, EMB_DIM).half() for p in prompts}, root / "embeds.pth")
     return root
 
 
-def test_cli_deepfloyd_backend_through_a_local_model(tiny_model, tmp_path):
-    common_args = ["--backend", "deepfloyd", "--model-id", tiny_model / "model", "--embeds", tiny_model / "embeds.pth",
-                   "--steps-stride", 495, "--samples", 1, "--out", tmp_path / "out"]
-    r = run_script("deepfloyd_edit.py", *common_args, "--task", "cfg")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert os.path.isfile(tmp_path / "out" / "cfg.png")
+def deepfloyd_args(tiny_model, out):
+    return ["--backend", "deepfloyd", "--model-id", tiny_model / "model", "--embeds",
+            tiny_model / "embeds.pth", "--steps-stride", 495, "--samples", 1, "--out", out]
+
+
+def test_deepfloyd_backend_every_task_through_a_local_model(tiny_model, tmp_path, capsys):
     before = (tiny_model / "embeds.pth").read_bytes()
-    r = run_script("deepfloyd_edit.py", *common_args, "--task", "sample", "--prompt", "a cat")
-    assert_user_error(r, "'a cat'", "no embedding", "huggingface-cli login")
+    de.main([*map(str, deepfloyd_args(tiny_model, tmp_path / "out")), "--device", "cpu", "--cfg", "1"])
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(f"{t}.png" for t in de.TASKS)
+    total = sum(de.task_steps(t, [990, 495, 0], 1.0) for t in de.TASKS)
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == "precision: fp32"
+    assert f"denoising step {total}/{total} |" in out  # the progress line, ending on the exact total
     assert (tiny_model / "embeds.pth").read_bytes() == before
 
 
+def test_deepfloyd_backend_in_bf16_on_the_cpu(tiny_model, tmp_path, capsys):
+    argv = deepfloyd_args(tiny_model, tmp_path / "out") + ["--device", "cpu", "--task", "cfg"]
+    de.main([str(a) for a in argv] + ["--precision", "bf16"])
+    assert "precision: bf16" in capsys.readouterr().out
+    img = np.asarray(Image.open(tmp_path / "out" / "cfg.png"))
+    assert img[34:].std() > 10
+
+
 def test_unet_load_errors_say_what_went_wrong(tiny_model, tmp_path, monkeypatch):
-    """A copy saved without *.fp16.safetensors loads in fp16 (retry with variant=None); a corrupt UNet names its error;
-    only an access error (gated, 401/403, no such repo) gets the licence / login message."""
+    """A copy saved without *.fp16.safetensors loads in fp16 (retry without the variant); a corrupt UNet names
+    its error; only an access error (gated, 401/403, no such repo) gets the licence / login message."""
     from huggingface_hub.errors import GatedRepoError
-    args = SimpleNamespace(model_id=str(tiny_model / "model"), embeds=str(tiny_model / "embeds.pth"), cpu_offload=False)
-    model = de.load_deepfloyd(args, torch.device("cpu"), torch.float16, [""])
+    model_id = str(tiny_model / "model")
+    embeds = str(tiny_model / "embeds.pth")
+    cpu = torch.device("cpu")
+    model = de.load_deepfloyd(model_id, embeds, [""], cpu, torch.float16)
     assert next(model.unet.parameters()).dtype == torch.float16
-    reference = de.DeepFloydDenoiser(tiny_if_unet(), model.embeds, torch.device("cpu"), torch.float32)
+    reference = de.DeepFloydDenoiser(tiny_if_unet(), model.embeds, cpu, torch.float32)
     x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
     eps, v = model(x, 500, [""])
-    assert eps.shape == v.shape == (1, 3, 64, 64) and torch.allclose(eps, reference(x, 500, [""])[0], atol=0.05)
+    assert eps.shape == v.shape == (1, 3, 64, 64)
+    assert torch.allclose(eps, reference(x, 500, [""])[0], atol=0.05)
 
     (tmp_path / "bad" / "unet").mkdir(parents=True)
-    (tmp_path / "bad" / "unet" / "config.json").write_bytes((tiny_model / "model" / "unet" / "config.json").read_bytes())
+    config = (tiny_model / "model" / "unet" / "config.json").read_bytes()
+    (tmp_path / "bad" / "unet" / "config.json").write_bytes(config)
     (tmp_path / "bad" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00garbage")
     for dtype in [torch.float32, torch.float16]:
         with pytest.raises(UserError) as e:
-            de.load_deepfloyd(SimpleNamespace(**dict(vars(args), model_id=str(tmp_path / "bad"))), torch.device("cpu"), dtype, [""])
+            de.load_deepfloyd(str(tmp_path / "bad"), embeds, [""], cpu, dtype)
         assert "cannot load the IF stage-1 UNet" in str(e.value) and "Error" in str(e.value), str(e.value)
         assert "accept its licence" not in str(e.value) and "\n" not in str(e.value)
 
-    def gated(*a, **k):  # diffusers wraps the hub's error (which needs an HTTP response to build, hence __new__)
+    def gated(*a, **k):  # diffusers wraps the hub's error (built without its HTTP response, hence __new__)
         hub_error = GatedRepoError.__new__(GatedRepoError)
         raise OSError("DeepFloyd/IF-I-XL-v1.0 could not be loaded") from hub_error
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", gated)
     with pytest.raises(UserError, match="accept its licence.*huggingface-cli login"):
-        de.load_deepfloyd(args, torch.device("cpu"), torch.float16, [""])
+        de.load_deepfloyd(model_id, embeds, [""], cpu, torch.float16)
+
+
+def fake_transformers(error):
+    """A stand-in for transformers whose T5 tokenizer fails to load with `error`."""
+    def fail(*a, **k):
+        raise error
+    module = types.ModuleType("transformers")
+    module.T5Tokenizer = types.SimpleNamespace(from_pretrained=fail)
+    module.T5EncoderModel = types.SimpleNamespace(from_pretrained=fail)
+    return module
+
+
+def gated_error():
+    from huggingface_hub.errors import GatedRepoError
+    error = OSError("could not be loaded")
+    error.__cause__ = GatedRepoError.__new__(GatedRepoError)
+    return error
+
+
+@pytest.mark.parametrize("transformers,expected,licence", [
+    pytest.param(None, "pip install transformers sentencepiece", False, id="transformers-missing"),
+    pytest.param(fake_transformers(OSError("no file named spiece.model in model/tokenizer")),
+                 "OSError: no file named spiece.model", False, id="local-copy-without-tokenizer"),
+    pytest.param(fake_transformers(gated_error()), "huggingface-cli login", True, id="gated")])
+def test_text_encoder_errors_mention_the_licence_only_for_access_errors(transformers, expected, licence,
+                                                                          tiny_model, monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", transformers)
+    with pytest.raises(UserError) as e:
+        de.load_embeds(str(tiny_model / "embeds.pth"), ["", "a cat"], "model", torch.device("cpu"),
+                       torch.float32)
+    message = str(e.value)
+    assert message.startswith("1 prompt(s) ('a cat') have no embedding in") and expected in message
+    assert ("accept its licence" in message) == licence
+
+
+def test_new_prompts_are_encoded_into_the_embeddings_file_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "embeds.pth"
+    torch.save({"": torch.zeros(1, 77, EMB_DIM)}, path)
+    encoded = []
+
+    def encode(prompts, *a, **k):
+        encoded.append(prompts)
+        return {p: torch.full((1, 77, EMB_DIM), float(i + 1)).half() for i, p in enumerate(prompts)}
+    monkeypatch.setattr(de, "encode_prompts", encode)
+    cpu = torch.device("cpu")
+    embeds = de.load_embeds(str(path), ["", "a cat", "a dog", "a cat"], "model", cpu, torch.float32)
+    assert encoded == [["a cat", "a dog"]] and sorted(embeds) == ["", "a cat", "a dog"]
+    saved = torch.load(path, weights_only=True)
+    assert sorted(saved) == ["", "a cat", "a dog"] and saved["a dog"].eq(2).all()  # no checksum or other keys
+    de.load_embeds(str(path), ["a cat"], "model", cpu, torch.float32)
+    assert len(encoded) == 1  # cached: the encoder is not loaded again
+
+    before = path.read_bytes()
+
+    def full_disk(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match="could not write .*No space left on device"):
+        de.load_embeds(str(path), ["a bird"], "model", cpu, torch.float32)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["embeds.pth"]  # no temp left
+
+
+# ------------------------------------------------------------------------------------------ bad input
+class Trap:
+    """Unpickling this would create the file `marker`: a booby-trapped embeddings file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@pytest.fixture
+def bad_files(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("RGB", (40, 30)).save(tmp_path / "photo.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "photo.png").read_bytes()[:60])
+    Image.new("L", (64, 64)).save(tmp_path / "mask.png")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt.pth").write_bytes(b"\x00garbage")
+    torch.save({"": Trap(str(tmp_path / "marker"))}, tmp_path / "trap.pth")
+    return tmp_path
 
 
 def main_error(tmp_path, *argv):
@@ -264,23 +484,85 @@ def main_error(tmp_path, *argv):
     return str(e.value)
 
 
-def test_bad_inputs(tiny_model, tmp_path, monkeypatch):
-    (tmp_path / "notes.png").write_text("not an image")
-    Image.new("RGB", (40, 30)).save(tmp_path / "photo.png")
-    Image.new("L", (64, 64)).save(tmp_path / "mask.png")
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "corrupt.pth").write_bytes(b"\x00garbage")
-    assert "not a readable image" in main_error(tmp_path, "--image", tmp_path / "notes.png")
-    assert "resize the mask" in main_error(tmp_path, "--image", tmp_path / "photo.png", "--mask", tmp_path / "mask.png")
-    assert "names no image" in main_error(tmp_path, "--prompt", "a dragon")
-    assert "holds no images" in main_error(tmp_path, "--images", tmp_path / "empty")
-    assert "must be positive" in main_error(tmp_path, "--steps-stride", 0)
-    assert "fp16 needs a CUDA GPU" in main_error(tmp_path, "--dtype", "fp16", "--device", "cpu")
-    assert "--cpu-offload" in main_error(tmp_path, "--backend", "deepfloyd", "--cpu-offload", "--device", "cpu")
-    assert not os.path.exists(tmp_path / "out")  # nothing written before the input is validated
-    deepfloyd = ["--backend", "deepfloyd", "--device", "cpu", "--embeds", tiny_model / "embeds.pth"]
-    message = main_error(tmp_path, *deepfloyd, "--model-id", tmp_path / "empty")  # a local folder is no licence problem
+DF = ["--backend", "deepfloyd", "--device", "cpu"]
+BAD_INPUTS = {
+    "image-not-an-image": (["--image", "{d}/notes.png"], "--image {d}/notes.png is not a readable image"),
+    "image-truncated": (["--image", "{d}/cut.png"], "--image {d}/cut.png is not a readable image"),
+    "image-is-a-folder": (["--image", "{d}/empty"], "--image {d}/empty is a folder"),
+    "image-missing": (["--image", "{d}/nope.png"], "--image {d}/nope.png does not exist"),
+    "mask-of-another-size": (["--image", "{d}/photo.png", "--mask", "{d}/mask.png"], "resize the mask"),
+    "mask-unreadable": (["--mask", "{d}/notes.png"], "--mask {d}/notes.png is not a readable image"),
+    "prompt-not-in-the-set": (["--prompt", "a dragon"], "names no image"),
+    "empty-image-set": (["--images", "{d}/empty"], "holds no images"),
+    "images-not-a-folder": (["--images", "{d}/photo.png"], "is not a folder"),
+    "stride-0": (["--steps-stride", "0"], "--steps-stride must be between 1 and 990"),
+    "stride-991": (["--steps-stride", "991"], "--steps-stride must be between 1 and 990"),
+    "samples-0": (["--samples", "0"], "--samples must be between 1 and 64"),
+    "samples-65": (["--samples", "65"], "--samples must be between 1 and 64"),
+    "cfg-nan": (["--cfg", "nan"], "--cfg must be a finite number"),
+    "cfg-inf": (["--cfg", "inf"], "--cfg must be a finite number"),
+    "cfg-negative": (["--cfg", "-1"], "--cfg must be between 0 and 100"),
+    "seed-negative": (["--seed", "-1"], "--seed must be between 0 and"),
+    "device-unknown": (["--device", "gpu"], "--device gpu is not a device"),
+    "fp16-on-cpu": ([*DF, "--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+    "cpu-offload-on-cpu": ([*DF, "--cpu-offload"], "--cpu-offload needs"),
+    "images-with-deepfloyd": ([*DF, "--images", "{d}/empty"], "--images is the exact backend's image set"),
+    "embeds-with-exact": (["--backend", "exact", "--embeds", "{d}/corrupt.pth"], "--embeds holds T5"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_refused_before_anything_is_written(case, bad_files):
+    argv, expected = BAD_INPUTS[case]
+    d = str(bad_files)
+    message = main_error(bad_files, *[a.format(d=d) for a in argv])
+    assert expected.format(d=d) in message and "\n" not in message
+    assert not os.path.exists(bad_files / "out")
+
+
+@pytest.mark.parametrize("case", ["bomb", "value-error"])
+def test_hostile_images_are_one_sentence(case, bad_files, monkeypatch):
+    if case == "bomb":  # PIL's DecompressionBombError, without writing a gigapixel file
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    else:
+        def broken(*a, **k):
+            raise ValueError("tile cannot extend outside image")
+        monkeypatch.setattr(Image, "open", broken)
+    message = main_error(bad_files, "--image", bad_files / "photo.png")
+    assert f"--image {bad_files / 'photo.png'} is not a readable image" in message
+
+
+EMBEDS_ERRORS = {
+    "corrupt": ("corrupt.pth", "is not a readable embeddings file"),
+    "booby-trapped": ("trap.pth", "is not a readable embeddings file"),  # weights_only=True refuses it
+    "a-folder": ("empty", "is a folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(EMBEDS_ERRORS))
+def test_bad_embeddings_file(case, bad_files, tiny_model):
+    name, expected = EMBEDS_ERRORS[case]
+    message = main_error(bad_files, *DF, "--model-id", tiny_model / "model", "--embeds", bad_files / name)
+    assert expected in message
+    assert not os.path.exists(bad_files / "marker")  # nothing in the file ran
+    assert os.listdir(bad_files / "out") == []
+
+
+def test_model_folder_without_a_unet_is_no_licence_problem(bad_files, tiny_model):
+    embeds = tiny_model / "embeds.pth"
+    message = main_error(bad_files, *DF, "--embeds", embeds, "--model-id", bad_files / "empty")
     assert "OSError" in message and "config.json" in message and "accept its licence" not in message
-    assert "not a readable embeddings file" in main_error(tmp_path, "--backend", "deepfloyd", "--embeds", tmp_path / "corrupt.pth")
+
+
+def test_missing_prompt_without_an_encoder(tiny_model, tmp_path):
+    r = run_script("deepfloyd_edit.py", *deepfloyd_args(tiny_model, tmp_path / "out"), "--device", "cpu",
+                   "--task", "sample", "--prompt", "a cat")
+    assert_user_error(r, "'a cat'", "no embedding")
+    assert "accept its licence" not in r.stderr
+
+
+def test_missing_diffusers(bad_files, tiny_model, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if diffusers were not installed
-    assert "needs diffusers" in main_error(tmp_path, *deepfloyd, "--model-id", tiny_model / "model")
+    embeds = tiny_model / "embeds.pth"
+    message = main_error(bad_files, *DF, "--embeds", embeds, "--model-id", tiny_model / "model")
+    assert "needs diffusers" in message
