@@ -1,7 +1,15 @@
-"""Tests for mnist_unet.py: model shapes, the flow-matching identities, the sampler, CFG, the LR schedule, learning on
-structured digits, the CLI end to end, --resume, and every bad input. All on CPU with tiny models and data made here."""
+"""Tests for mnist_unet.py: the U-Net, the flow-matching identities, the losses, the solver, CFG, the LR schedule
+and the ablation's optimizer, learning on structured digits, the CLI end to end (MNIST and Fashion-MNIST), figures,
+progress, metrics, precision, --compile, --resume, interrupts and every bad input. All on CPU, tiny models, data
+made here."""
+import functools
 import hashlib
+import json
 import os
+import re
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,13 +17,27 @@ import torch
 
 import common
 import mnist_unet as m
-from helpers import assert_user_error, make_mnist_root, run_script, shapes
+from helpers import REPO, assert_user_error, make_fashion_root, make_mnist_root, run_script, shapes
 
 TINY = ["--hidden", "8", "--batch-size", "32", "--epochs", "2", "--steps", "4", "--device", "cpu"]
 
 
-def one_hot(labels):
-    return torch.nn.functional.one_hot(labels, 10).float()
+def main(*argv):
+    """mnist_unet.main in this process; releases the --out lock afterwards, as the end of a process would."""
+    try:
+        return m.main([str(a) for a in argv])
+    finally:
+        while common.LOCKS:
+            common.LOCKS.pop().close()
+
+
+def folder_digest(folder):
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(folder)) if f != ".lock"}
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
 
 
 # ------------------------------------------------------------------------------------------- model
@@ -24,25 +46,40 @@ def test_unet_shapes_and_conditioning(cond):
     torch.manual_seed(0)
     D, B = 8, 3
     model = m.UNet(D, cond).train()  # batch statistics: a fresh net's eval-mode BN would shrink every signal to ~0
-    x, t, c = torch.randn(B, 1, 28, 28), torch.rand(B), one_hot(torch.tensor([0, 3, 9]))
+    x, t, y = torch.randn(B, 1, 28, 28), torch.rand(B), torch.tensor([0, 3, 9])
     # the CS180 path: 28 -> 14 -> 7 -> 1 (flatten) -> 7 -> 14 -> 28, with 2D channels at the bottleneck
     assert model.e2(model.e1(model.e0(x))).shape == (B, 2 * D, 7, 7)
     assert model.flatten(torch.randn(B, 2 * D, 7, 7)).shape == (B, 2 * D, 1, 1)
     assert model.unflatten(torch.randn(B, 2 * D, 1, 1)).shape == (B, 2 * D, 7, 7)
-    args = {"none": (), "time": (t,), "class": (t, c)}[cond]
-    y = model(x, *args)
-    assert y.shape == (B, 1, 28, 28) and torch.isfinite(y).all()
+    args = {"none": (), "time": (t,), "class": (t, y)}[cond]
+    out = model(x, *args)
+    assert out.shape == (B, 1, 28, 28) and torch.isfinite(out).all()
     if cond != "none":  # the conditioning reaches the output
-        assert not torch.allclose(model(x, 1 - t, *args[1:]), y, atol=1e-5)
+        assert not torch.allclose(model(x, 1 - t, *args[1:]), out, atol=1e-5)
     if cond == "class":
-        assert not torch.allclose(model(x, t, one_hot(torch.tensor([5, 5, 5]))), y, atol=1e-5)
-        assert not torch.allclose(model(x, t, torch.zeros_like(c)), y, atol=1e-5)
+        assert not torch.allclose(model(x, t, torch.tensor([5, 5, 5])), out, atol=1e-5)
+        assert not torch.allclose(model(x, t, torch.full((3,), m.NULL)), out, atol=1e-5)
     names = {n.split(".")[0] for n, _ in model.named_parameters()}
     assert ({"fc1_t", "fc2_t"} <= names) == (cond != "none")
     assert ({"fc1_c", "fc2_c"} <= names) == (cond == "class")
 
 
-# ------------------------------------------------------------------------------------- flow maths
+def test_null_label_is_the_all_zero_one_hot():
+    torch.manual_seed(0)
+    model = m.UNet(4, "class")
+    seen = []
+    model.fc1_c.register_forward_hook(lambda mod, inp, out: seen.append(inp[0]))
+    model(torch.randn(3, 1, 28, 28), torch.rand(3), torch.tensor([2, m.NULL, 9]))
+    assert seen[0].tolist() == [[float(k == 2) for k in range(10)], [0.0] * 10, [float(k == 9) for k in range(10)]]
+
+
+@pytest.mark.parametrize("device", ["cpu", torch.device("cpu")])
+def test_make_model_takes_a_device_string_or_object(device):
+    model = m.make_model("class", 8, device)
+    assert isinstance(model, m.UNet) and next(model.parameters()).device.type == "cpu"
+
+
+# ------------------------------------------------------------------------------------ the method
 def test_flow_path_identities():
     torch.manual_seed(0)
     x, eps = torch.randn(4, 1, 28, 28), torch.randn(4, 1, 28, 28)
@@ -53,85 +90,143 @@ def test_flow_path_identities():
     t, h = torch.tensor([0.1, 0.3, 0.6, 0.9]), 1e-3               # v is dx_t/dt
     numeric = (m.flow_path(x, eps, t + h)[0] - m.flow_path(x, eps, t - h)[0]) / (2 * h)
     assert torch.allclose(numeric, v, atol=1e-2)
-    x_half, _ = m.flow_path(x, eps, torch.full((4,), 0.5))
-    assert torch.allclose(x_half, (x + eps) / 2)
+    assert torch.allclose(m.flow_path(x, eps, torch.full((4,), 0.5))[0], (x + eps) / 2)
 
 
-def test_euler_is_exact_on_a_constant_velocity():
+class Recorder(torch.nn.Module):
+    """A stand-in network that records its inputs and returns zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, x, t=None, y=None):
+        self.calls.append((x, t, y))
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1, 1.0])
+def test_flow_matching_loss_drops_labels_to_null_at_the_asked_rate(dropout):
+    torch.manual_seed(0)
+    net, x, y = Recorder(), torch.zeros(20000, 1, 1, 1), torch.arange(20000) % 10
+    m.flow_matching_loss(net, x, y, dropout)
+    seen = net.calls[0][2]
+    dropped = seen == m.NULL
+    assert dropped.float().mean().item() == pytest.approx(dropout, abs=0.01)
+    assert torch.equal(seen[~dropped], y[~dropped])  # the others keep their label
+    t = net.calls[0][1]
+    assert 0 <= t.min() and t.max() <= 1 and t.mean().item() == pytest.approx(0.5, abs=0.01)  # t ~ U[0, 1]
+    m.flow_matching_loss(net, x, None, dropout)
+    assert net.calls[1][2] is None  # the time-only model gets no label
+
+
+def test_denoising_loss_input_is_x_plus_2_sigma_z_or_pure_noise():
+    torch.manual_seed(0)
+    net, x = Recorder(), torch.full((64, 1, 28, 28), 0.7)
+    m.denoising_loss(net, x, 0.5)
+    assert (net.calls[0][0] - x).std().item() == pytest.approx(1.0, rel=0.02)  # CS180's sigma on [0, 1]: 2*sigma
+    m.denoising_loss(net, x, None)
+    assert net.calls[1][0].mean().abs().item() < 0.02 and net.calls[1][0].std().item() == pytest.approx(1, rel=0.02)
+    assert m.denoising_loss(net, x, None).item() == pytest.approx(0.49)  # MSE of the zero output against x = 0.7
+
+
+def test_ode_solve_euler_exact_on_constant_velocity_and_heun_on_linear_in_t():
     x0, c = torch.randn(2, 1, 28, 28), torch.randn(2, 1, 28, 28)
     for steps in (1, 7, 50):
-        path = m.euler(lambda x, t: c, x0, steps)
-        assert len(path) == steps + 1 and torch.equal(path[0], x0)
-        assert torch.allclose(path[-1], x0 + c, atol=1e-5)
-    ts = []  # the field is evaluated at t = 0, 1/steps, ..., 1 - 1/steps
-    m.euler(lambda x, t: ts.append(t) or torch.zeros_like(x), x0, 4)
+        path = []
+        x1 = m.ode_solve(lambda x, t: c, x0, steps, on_step=path.append)
+        assert len(path) == steps and torch.equal(path[-1], x1)
+        assert torch.allclose(x1, x0 + c, atol=1e-5)
+    ts = []  # Euler evaluates the field at t = 0, 1/steps, ..., 1 - 1/steps
+    m.ode_solve(lambda x, t: ts.append(t) or torch.zeros_like(x), x0, 4)
     assert ts == pytest.approx([0, 0.25, 0.5, 0.75])
+    # v = 2t: the exact end point is x0 + 1; Heun gets it in one step, Euler in 4 steps gives x0 + 0.75
+    assert torch.allclose(m.ode_solve(lambda x, t: torch.full_like(x, 2 * t), x0, 1, "heun"), x0 + 1)
+    assert torch.allclose(m.ode_solve(lambda x, t: torch.full_like(x, 2 * t), x0, 4), x0 + 0.75)
+    with pytest.raises(ValueError):
+        m.ode_solve(lambda x, t: c, x0, 4, "rk4")
 
 
-def test_cfg_formula():
+def test_guided_velocity_is_cfg_from_one_batched_forward():
     torch.manual_seed(0)
     model = m.UNet(8, "class")
-    x, labels = torch.randn(3, 1, 28, 28), torch.tensor([1, 4, 7])
-    t = torch.full((3,), 0.3)
+    x, y, t = torch.randn(3, 1, 28, 28), torch.tensor([1, 4, 7]), torch.full((3,), 0.3)
     with torch.no_grad():
         for _ in range(30):  # give BatchNorm real running statistics, then compare in eval mode as sampling does
-            model(x, t, one_hot(labels))
+            model(x, t, y)
         model.eval()
-        u_cond, u_uncond = model(x, t, one_hot(labels)), model(x, t, torch.zeros(3, 10))
-        guided = {w: m.velocity_field(model, labels, w)(x, 0.3) for w in (0, 1, 5)}
+        u_cond, u_uncond = model(x, t, y), model(x, t, torch.full((3,), m.NULL))
+        calls = []
+        hook = model.register_forward_hook(lambda mod, inp, out: calls.append(len(inp[0])))
+        guided = {w: m.guided_velocity(model, x, 0.3, y, w) for w in (0, 1, 5)}
+        hook.remove()
+    assert calls == [6, 6, 6]  # cond and uncond in one forward of twice the batch
     assert torch.allclose(guided[0], u_uncond, atol=1e-5)
     assert torch.allclose(guided[1], u_cond, atol=1e-5)
     assert torch.allclose(guided[5], u_uncond + 5 * (u_cond - u_uncond), atol=1e-4)
     assert not torch.allclose(u_cond, u_uncond, atol=1e-4)
 
 
-def test_lr_after_E_epochs_is_a_tenth():
+def test_lr_schedule_ends_at_a_tenth_and_the_ablation_is_adamw_at_a_tenth_without_scheduler():
     model = m.UNet(4, "time")
     for epochs in (1, 4, 10):
-        s = dict(hidden=4, batch_size=8, lr=1e-2, epochs=epochs)
-        opt, sched = m.make_optimizer("fm", model, s, torch.device("cpu"))
+        opt, sched = m.make_optimizer(m.RUNS["fm"], model, 1e-2, epochs)
+        assert type(opt) is torch.optim.Adam
         for _ in range(epochs):
             opt.step()
             sched.step()
         assert opt.param_groups[0]["lr"] == pytest.approx(1e-3, rel=1e-9)
-    opt, sched = m.make_optimizer("cfg_nosched", model, s, torch.device("cpu"))
-    assert sched is None and opt.param_groups[0]["lr"] == 1e-2
-    assert m.make_optimizer("denoise", model, s, torch.device("cpu"))[1] is None
+    for preset in (m.RECIPE, m.QUICK):
+        cfg, ablation = m.settings(preset, "cfg", {}), m.settings(preset, "cfg_nosched", {})
+        assert ablation["lr"] == pytest.approx(cfg["lr"] / 10) and ablation["epochs"] == cfg["epochs"]
+    assert m.settings(m.RECIPE, "cfg_nosched", {"lr": 3e-3})["lr"] == pytest.approx(3e-4)
+    opt, sched = m.make_optimizer(m.RUNS["cfg_nosched"], model, 1e-3, 10)
+    assert sched is None and type(opt) is torch.optim.AdamW and opt.param_groups[0]["lr"] == 1e-3
+    assert opt.param_groups[0]["weight_decay"] == 0.01
+    assert m.make_optimizer(m.RUNS["denoise"], model, 1e-4, 5)[1] is None
 
 
-# ---------------------------------------------------------------------------------------- learning
-def test_class_conditioned_model_learns_and_cfg_follows_the_class():
-    """Two classes of distinct squares: the loss falls well below its start and guided samples look like their own class."""
-    common.seed_everything(0)
+def train_on_shapes(steps, precision="fp32", seed=0):
+    common.seed_everything(seed)
     images, labels = shapes(256, classes=2)
-    x, y = torch.from_numpy(images), torch.from_numpy(labels)
+    x, y = m.normalise(torch.from_numpy(images)), torch.from_numpy(labels)
     model = m.UNet(8, "class")
-    opt, _ = m.make_optimizer("cfg", model, dict(lr=3e-3, epochs=1), torch.device("cpu"))
+    opt, _ = m.make_optimizer(m.RUNS["cfg"], model, 3e-3, 1)
+    scaler = common.grad_scaler(torch.device("cpu"), precision)
     losses = []
-    for step in range(120):
+    for _ in range(steps):
         idx = torch.randint(0, len(x), (32,))
-        losses.append(m.train_step("cfg", model, opt, x[idx], y[idx]).item())
+        losses.append(m.train_step(m.RUNS["cfg"], model, opt, scaler, x[idx], y[idx], precision).item())
+    return model, losses, x, y
+
+
+def test_class_conditioned_model_learns_and_cfg_follows_the_class():
+    """Two classes of distinct squares: the loss falls well below its start; guided samples look like their class."""
+    model, losses, x, y = train_on_shapes(120)
     start, end = np.mean(losses[:10]), np.mean(losses[-30:])
     assert end < 0.35 * start, (start, end)
-    means = torch.stack([m.normalise(x[y == k]).mean(0) for k in (0, 1)])
+    means = torch.stack([x[y == k].mean(0) for k in (0, 1)])
     asked = torch.tensor([0, 1] * 8)
-    samples = m.generate(model, asked, 16, 20, 3.0, torch.Generator().manual_seed(1), torch.device("cpu"))[-1]
+    samples = m.generate(model, torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1)), asked,
+                         cfg=3.0, steps=20)
     dist = ((samples[:, None] - means[None]) ** 2).flatten(2).mean(2)  # (16, 2): distance to each class mean
     own, other = dist[torch.arange(16), asked], dist[torch.arange(16), 1 - asked]
     assert (own < other).float().mean() >= 0.9, (own, other)
     assert own.mean() < 0.5 * other.mean(), (own.mean(), other.mean())
 
 
+def test_fp16_step_with_an_enabled_grad_scaler_on_the_cpu():
+    model, losses, _, _ = train_on_shapes(6, precision="fp16")
+    assert all(np.isfinite(losses)) and all(torch.isfinite(p).all() for p in model.parameters())
+    assert common.grad_scaler(torch.device("cpu"), "fp16").is_enabled()
+
+
 # --------------------------------------------------------------------------------------------- CLI
-def folder_digest(folder):
-    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest() for f in sorted(os.listdir(folder))}
-
-
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory):
-    """One tiny run of every part; the other CLI tests reuse its checkpoints and output folder."""
+    """One tiny run of every part into <tmp>/runs/mnist_unet; the other CLI tests reuse its checkpoints."""
     tmp = tmp_path_factory.mktemp("cli")
-    root, out = make_mnist_root(tmp / "mnist", n=96), tmp / "out"
+    root, out = make_mnist_root(tmp / "mnist", n=96), tmp / "runs" / "mnist_unet"
     result = run_script("mnist_unet.py", "--data-dir", root, "--out", out, *TINY, "--save-samples", tmp / "s.npz",
                         "--num-samples", "12")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -139,8 +234,10 @@ def cli_run(tmp_path_factory):
 
 
 def test_cli_writes_every_figure_checkpoint_and_npz(cli_run):
-    tmp, _, out, result = cli_run
-    assert "--quick" in result.stdout  # the CPU estimate of the GPU-sized recipe points to --quick
+    tmp, root, out, result = cli_run
+    # the CPU estimate says what it does before it goes silent timing, then points to --quick
+    assert result.stdout.index("timing 2 steps of each run") < result.stdout.index("would take about")
+    assert "use --quick" in result.stdout and "precision: fp32" in result.stdout
     expected = ["denoise_noising", "denoise_loss", "denoise_epoch1", "denoise_epoch2", "denoise_ood",
                 "noise_loss", "noise_samples",
                 "fm_epoch1", "fm_epoch2", "fm_loss", "fm_path", "fm_velocity", "fm_trajectory",
@@ -155,49 +252,124 @@ def test_cli_writes_every_figure_checkpoint_and_npz(cli_run):
         ckpt = common.load_checkpoint(str(out / f"{run}.pt"), "mnist_unet")
         assert ckpt["run"] == run and ckpt["epoch"] == 2 and ckpt["step"] == 2 * (96 // 32)
         assert len(ckpt["losses"]) == ckpt["step"] and ckpt["settings"]["hidden"] == 8
-        assert {"model", "optimizer", "scheduler", "rng", "config"} <= set(ckpt)
-    assert common.load_checkpoint(str(out / "fm.pt"), "mnist_unet")["scheduler"]["_last_lr"][0] == pytest.approx(
-        1e-2 * 0.1)  # the LR ended at 0.1*lr
+        assert {"model", "optimizer", "scheduler", "scaler", "rng", "config"} <= set(ckpt)
+        assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    ckpt = common.load_checkpoint(str(out / "fm.pt"), "mnist_unet")
+    assert ckpt["scheduler"]["_last_lr"][0] == pytest.approx(1e-2 * 0.1)  # the LR ended at 0.1*lr
+    ablation = common.load_checkpoint(str(out / "cfg_nosched.pt"), "mnist_unet")
+    assert ablation["scheduler"] is None and ablation["settings"]["lr"] == pytest.approx(1e-3)
+    assert ablation["optimizer"]["param_groups"][0]["weight_decay"] == 0.01  # AdamW's
     npz = np.load(tmp / "s.npz")
     assert npz["images"].dtype == np.uint8 and npz["images"].shape == (12, 1, 28, 28)
     assert npz["labels"].tolist() == [k % 10 for k in range(12)]
+    assert f"python evaluate.py {tmp / 's.npz'} --dataset mnist --data-dir {root}" in result.stdout
 
 
-def test_cli_sample_only(cli_run):
-    tmp, _, out, _ = cli_run
-    result = run_script("mnist_unet.py", "--sample", out / "fm.pt", "--out", tmp / "sampled", "--num-samples", "5",
-                        "--steps", "3", "--device", "cpu")
-    assert result.returncode == 0, result.stderr[-3000:]
-    npz = np.load(tmp / "sampled" / "samples.npz")
+def test_metrics_file_has_a_line_per_epoch_of_every_run(cli_run):
+    _, _, out, _ = cli_run
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [(r["run"], r["epoch"]) for r in lines] == [
+        (run, e) for run in ("denoise", "noise", "fm", "cfg", "cfg_nosched") for e in (1, 2)]
+    for r in lines:
+        assert set(r) == {"time", "run", "epoch", "loss", "lr", "img_per_s", "seconds"}
+        assert np.isfinite(r["loss"]) and r["img_per_s"] > 0 and r["seconds"] > 0
+    fm = [r for r in lines if r["run"] == "fm"]
+    assert fm[0]["lr"] == pytest.approx(1e-2) and fm[1]["lr"] == pytest.approx(1e-2 * 0.1 ** 0.5)
+    losses = common.load_checkpoint(str(out / "fm.pt"), "mnist_unet")["losses"]
+    assert fm[1]["loss"] == pytest.approx(np.mean(losses[3:]))
+
+
+def test_notebook_two_lines(cli_run, monkeypatch):
+    monkeypatch.chdir(cli_run[0])
+    from mnist_unet import generate, load_model
+    model, config = load_model("runs/mnist_unet/cfg.pt")
+    images = generate(model, torch.randn(10, 1, 28, 28), torch.arange(10), cfg=5.0, steps=50)
+    assert images.shape == (10, 1, 28, 28) and torch.isfinite(images).all() and images.std() > 0
+    assert config["run"] == "cfg" and config["hidden"] == 8 and config["dataset"] == "mnist" and not model.training
+
+
+def test_cli_sample_only(cli_run, tmp_path, capsys):
+    _, _, out, _ = cli_run
+    m.main(["--sample", str(out / "fm.pt"), "--out", str(tmp_path / "fm"), "--num-samples", "5", "--steps", "3",
+            "--device", "cpu"])
+    npz = np.load(tmp_path / "fm" / "samples.npz")
     assert npz["images"].shape == (5, 1, 28, 28) and npz["labels"].tolist() == [-1] * 5  # unconditional
-    assert os.path.isfile(tmp / "sampled" / "samples.png")
+    m.main(["--sample", str(out / "cfg.pt"), "--out", str(tmp_path / "cfg"), "--num-samples", "20", "--steps", "3",
+            "--device", "cpu", "--save-samples", str(tmp_path / "cfg.npz")])
+    assert np.load(tmp_path / "cfg.npz")["labels"].tolist() == [k % 10 for k in range(20)]
+    assert "sampling 20/20" in capsys.readouterr().out
+    from PIL import Image
+    grid = np.asarray(Image.open(tmp_path / "cfg" / "samples.png").convert("L"))
+    assert grid.shape[0] > 10 * 56 and grid.std() > 10  # a row per class (2 samples each at scale 2), not blank
 
 
-def test_resume_matches_an_uninterrupted_run(tmp_path, monkeypatch, capsys):
+def capture_figures(monkeypatch):
+    """Record every figure's keyword arguments (and still write it)."""
+    calls = {}
+    for name in ("save_grid", "save_gif", "plot_curves"):
+        original = getattr(common, name)
+
+        def record(images, path, *a, _original=original, **kw):
+            calls[os.path.basename(str(path if isinstance(path, (str, os.PathLike)) else images))] = kw
+            return _original(images, path, *a, **kw)
+        monkeypatch.setattr(common, name, record)
+    return calls
+
+
+def test_fashion_run_titles_every_figure_labels_rows_with_class_names_and_shows_job_progress(
+        tmp_path, monkeypatch, capsys):
+    root = make_fashion_root(tmp_path / "data", n=64)
+    figures = capture_figures(monkeypatch)
+    monkeypatch.setattr(common, "Progress", functools.partial(common.Progress, every=0))  # every update prints
+    main("--dataset", "fashion", "--data-dir", root, "--out", tmp_path / "out", *TINY, "--epochs", "1")
+    names = common.CLASS_NAMES["fashion"]
+    for figure, kw in figures.items():
+        assert kw.get("title"), figure
+    for figure in ("cfg_epoch1.png", "cfg_trajectory.png", "cfg_guidance.png"):
+        assert figures[figure]["row_labels"] == names and "Fashion-MNIST" in figures[figure]["title"], figure
+    assert "w=5" in figures["cfg_epoch1.png"]["title"] and "4 Euler steps" in figures["cfg_epoch1.png"]["title"]
+    assert figures["denoise_ood.png"]["col_labels"][3] == "sigma=0.5"
+    assert figures["cfg_guidance.png"]["col_labels"][::2] == ["w=0", "w=1", "w=3", "w=5", "w=7"]
+    out = capsys.readouterr().out
+    job = [(float(done), part, epoch) for done, part, epoch in
+           re.findall(r"^job ([\d.]+)/100 \| part (\w+) \| epoch (\d+/\d+) \|", out, re.M)]
+    assert [p for _, p, _ in job] == ["denoise"] * 2 + ["noise"] * 2 + ["fm"] * 2 + ["cfg"] * 2 + ["cfg_nosched"] * 2
+    assert [d for d, _, _ in job] == sorted(d for d, _, _ in job) and job[-1][0] == 100 and job[0][0] == 10
+    assert all(e == "1/1" for _, _, e in job) and "ETA" in out and "[cfg] figure, Euler step 4/4" in out
+
+
+def test_resume_matches_an_uninterrupted_run_appends_metrics_and_epochs_may_grow(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(m, "LOG_EVERY", 2)
     root = make_mnist_root(tmp_path / "mnist", n=96)
     flags = ["--part", "fm", "--data-dir", root, *TINY, "--epochs", "3"]
-    m.main([*flags, "--out", str(tmp_path / "full")])
-    full = torch.load(tmp_path / "full" / "fm.pt", weights_only=True)
-
-    save = common.save_checkpoint
-
-    def save_then_crash(path, state):  # the machine dies right after the first epoch's checkpoint
-        save(path, state)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(common, "save_checkpoint", save_then_crash)
+    main(*flags, "--out", tmp_path / "full")
+    full = load(tmp_path / "full" / "fm.pt")
+    crash_after(monkeypatch, 1)  # the machine dies right after the first epoch's checkpoint
     with pytest.raises(KeyboardInterrupt):
-        m.main([*flags, "--out", str(tmp_path / "cut")])
-    monkeypatch.setattr(common, "save_checkpoint", save)
-    assert torch.load(tmp_path / "cut" / "fm.pt", weights_only=True)["epoch"] == 1
+        main(*flags, "--out", tmp_path / "cut")
+    assert load(tmp_path / "cut" / "fm.pt")["epoch"] == 1
+    before = open(tmp_path / "cut" / "metrics.jsonl").read()
     capsys.readouterr()
-    m.main([*flags, "--out", str(tmp_path / "cut"), "--resume", str(tmp_path / "cut" / "fm.pt")])
+    main(*flags[2:], "--out", tmp_path / "cut", "--resume", tmp_path / "cut" / "fm.pt")  # --part from the ckpt
     assert "resuming after epoch 1 (step 3)" in capsys.readouterr().out
-    resumed = torch.load(tmp_path / "cut" / "fm.pt", weights_only=True)
+    resumed = load(tmp_path / "cut" / "fm.pt")
     assert resumed["step"] == full["step"] == 9 and resumed["losses"] == full["losses"]
     for k, v in full["model"].items():
         assert torch.equal(resumed["model"][k], v), k
-    assert resumed["scheduler"] == full["scheduler"]
+    assert resumed["scheduler"] == full["scheduler"] and resumed["config"]["part"] == "fm"  # for the next resume
+    after = open(tmp_path / "cut" / "metrics.jsonl").read()
+    assert after.startswith(before)  # appended, not rewritten
+    lines = [json.loads(line) for line in after.splitlines()]
+    assert [r["epoch"] for r in lines if "img_per_s" in r] == [1, 2, 3]
+    groups = [r for r in lines if "step" in r]
+    assert [r["step"] for r in groups] == [2, 4, 6, 8] and set(groups[0]) == {"time", "run", "step", "epoch",
+                                                                            "loss", "lr"}
+    assert groups[0]["loss"] == pytest.approx(np.mean(full["losses"][:2]))
+    # --epochs may grow: the run trains on, the LR decaying at the same per-epoch rate
+    main(*flags[2:-2], "--epochs", "4", "--out", tmp_path / "cut", "--resume", tmp_path / "cut" / "fm.pt")
+    grown = load(tmp_path / "cut" / "fm.pt")
+    assert grown["epoch"] == 4 and grown["step"] == 12 and grown["losses"][:9] == full["losses"]
+    assert grown["scheduler"]["_last_lr"][0] == pytest.approx(1e-2 * 0.1 ** (4 / 3))
 
 
 def crash_after(monkeypatch, n):
@@ -214,72 +386,209 @@ def crash_after(monkeypatch, n):
 
 
 def test_resume_goes_on_with_the_rest_of_the_part(tmp_path, monkeypatch):
-    """--part cfg cut in cfg, resumed (without --part: the checkpoint knows it), cut again in cfg_nosched and resumed:
-    both runs end as in an uninterrupted run, and the ablation's loss plot still compares with cfg's curve."""
+    """--part cfg cut in cfg, resumed (without --part: the checkpoint knows it), cut again in cfg_nosched and
+    resumed: both runs end as in an uninterrupted run, and the ablation's loss plot still compares with cfg's."""
     root = make_mnist_root(tmp_path / "mnist", n=96)
     flags = ["--data-dir", root, *TINY]
-    m.main([*flags, "--part", "cfg", "--out", str(tmp_path / "full")])
+    main(*flags, "--part", "cfg", "--out", tmp_path / "full")
     cut = tmp_path / "cut"
     crash_after(monkeypatch, 1)  # after cfg's epoch 1
     with pytest.raises(KeyboardInterrupt):
-        m.main([*flags, "--part", "cfg", "--out", str(cut)])
+        main(*flags, "--part", "cfg", "--out", cut)
     crash_after(monkeypatch, 2)  # after cfg's epoch 2 and cfg_nosched's epoch 1
     with pytest.raises(KeyboardInterrupt):
-        m.main([*flags, "--out", str(cut), "--resume", str(cut / "cfg.pt")])
-    assert torch.load(cut / "cfg_nosched.pt", weights_only=True)["epoch"] == 1
+        main(*flags, "--out", cut, "--resume", cut / "cfg.pt")
+    assert load(cut / "cfg_nosched.pt")["epoch"] == 1
+    figures = capture_figures(monkeypatch)
     curves = {}
     plot = common.plot_curves
-    monkeypatch.setattr(common, "plot_curves", lambda path, c, **kw: curves.update({os.path.basename(path): c}) or plot(path, c, **kw))
-    m.main([*flags, "--out", str(cut), "--resume", str(cut / "cfg_nosched.pt")])
+    monkeypatch.setattr(common, "plot_curves", lambda path, c, **kw: curves.update({os.path.basename(path): c})
+                        or plot(path, c, **kw))
+    main(*flags, "--out", cut, "--resume", cut / "cfg_nosched.pt")
     for run in ("cfg", "cfg_nosched"):
-        full, resumed = (torch.load(d / f"{run}.pt", weights_only=True) for d in (tmp_path / "full", cut))
+        full, resumed = load(tmp_path / "full" / f"{run}.pt"), load(cut / f"{run}.pt")
         assert resumed["epoch"] == 2 and resumed["losses"] == full["losses"], run
         for k, v in full["model"].items():
             assert torch.equal(resumed["model"][k], v), (run, k)
-    assert os.path.isfile(cut / "cfg_nosched_epoch2.png") and os.path.isfile(cut / "cfg_nosched_loss.png")
-    cfg_losses = torch.load(cut / "cfg.pt", weights_only=True)["losses"]
-    assert list(curves) == ["cfg_nosched_loss.png"] and curves["cfg_nosched_loss.png"]["cfg (ExponentialLR)"] == cfg_losses
+    assert os.path.isfile(cut / "cfg_nosched_epoch2.png") and "cfg_nosched_epoch2.png" in figures
+    cfg_losses = load(cut / "cfg.pt")["losses"]
+    plotted = curves["cfg_nosched_loss.png"]
+    assert list(curves) == ["cfg_nosched_loss.png"] and plotted["cfg (Adam, ExponentialLR)"] == cfg_losses
+    assert plotted["cfg_nosched (AdamW, lr/10, constant)"] == load(cut / "cfg_nosched.pt")["losses"]
+
+
+def test_bf16_autocast_trains_samples_and_saves_an_fp32_checkpoint(tmp_path, capsys):
+    root = make_mnist_root(tmp_path / "mnist", n=64)
+    main("--part", "cfg", "--quick", "--data-dir", root, "--out", tmp_path / "out", *TINY, "--epochs", "1",
+         "--precision", "bf16", "--save-samples", tmp_path / "s.npz", "--num-samples", "10")
+    assert "precision: bf16" in capsys.readouterr().out
+    ckpt = common.load_checkpoint(str(tmp_path / "out" / "cfg.pt"), "mnist_unet")
+    assert np.isfinite(ckpt["losses"]).all() and all(v.dtype != torch.bfloat16 for v in ckpt["model"].values())
+    model, _ = m.load_model(str(tmp_path / "out" / "cfg.pt"))
+    images = m.generate(model, torch.randn(4, 1, 28, 28), torch.arange(4), cfg=3.0, steps=3, precision="bf16")
+    assert images.dtype == torch.float32 and torch.isfinite(images).all()
+    npz = np.load(tmp_path / "s.npz")
+    assert npz["images"].shape == (10, 1, 28, 28) and npz["images"].std() > 0
+
+
+def test_fp16_run_saves_its_grad_scaler_and_resumes_it(tmp_path):
+    root = make_mnist_root(tmp_path / "mnist", n=64)
+    flags = ["--part", "fm", "--data-dir", root, "--out", tmp_path / "out", *TINY, "--precision", "fp16"]
+    main(*flags, "--epochs", "1")
+    first = load(tmp_path / "out" / "fm.pt")
+    assert first["scaler"]["scale"] > 0 and np.isfinite(first["losses"]).all()
+    main(*flags, "--epochs", "2", "--resume", tmp_path / "out" / "fm.pt")
+    second = load(tmp_path / "out" / "fm.pt")
+    assert second["epoch"] == 2 and second["scaler"]["_growth_tracker"] == first["scaler"]["_growth_tracker"] + 2
+
+
+def test_non_finite_loss_stops_before_a_checkpoint_and_keeps_the_good_one(tmp_path, monkeypatch):
+    root = make_mnist_root(tmp_path / "mnist", n=64)
+    flags = ["--part", "fm", "--data-dir", root, "--out", tmp_path / "out", *TINY]
+    main(*flags, "--epochs", "1")
+    good = open(tmp_path / "out" / "fm.pt", "rb").read()
+    loss = m.flow_matching_loss
+    monkeypatch.setattr(m, "flow_matching_loss", lambda *a: loss(*a) * float("nan"))
+    with pytest.raises(common.UserError, match=r"the fm loss became nan at step 4, .* try a lower --lr or "
+                                               r"--precision fp32"):
+        main(*flags, "--epochs", "2", "--resume", tmp_path / "out" / "fm.pt")
+    assert open(tmp_path / "out" / "fm.pt", "rb").read() == good
+
+
+def test_offline_data_error_names_the_path_and_the_cause_and_leaves_no_folder(tmp_path, monkeypatch):
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):  # a dead proxy: any download fails fast
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    for dataset, folder in (("mnist", "MNIST"), ("fashion", "FashionMNIST")):
+        data = tmp_path / f"missing-{dataset}"
+        with pytest.raises(common.UserError) as e:
+            main("--dataset", dataset, "--data-dir", data, "--out", tmp_path / "out", *TINY)
+        message = str(e.value)
+        assert f"{folder} is not in {data}" in message and "could not be downloaded (" in message
+        assert "gunzipped" in message and "Running offline" in message and f"{folder}/raw" in message
+        assert "Connection refused" in message and not os.path.exists(data)  # the cause; no empty MNIST/raw
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_help_shows_each_default_once_the_presets_and_names_the_notebook(capsys):
+    with pytest.raises(SystemExit):
+        m.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "default: None" not in text and "default: False" not in text and "seed 003" not in text.lower()
+    assert "From noise to images" in text
+    for default in ("(default: 50)", "(default: mnist)", "(default: auto)", "(default: 0)", "(default: 100)",
+                    "(default: runs/mnist_unet)", "(default: all)"):
+        assert text.count(default) == 1, default
+    flat = " ".join(text.split())
+    for preset in ("recipe: denoise/noise 5, fm/cfg 10; --quick 1/1/3/10", "recipe 5, --quick 3",
+                   "recipe: denoise/noise 128, fm/cfg 64; --quick 32", "a tenth of it, with AdamW"):
+        assert preset in flat, preset
+
+
+def test_interrupt_exits_130_in_one_line_and_leaves_no_temp(tmp_path):
+    root, out = make_mnist_root(tmp_path / "mnist", n=64), tmp_path / "out"
+    cmd = [sys.executable, os.path.join(REPO, "mnist_unet.py"), "--part", "fm", "--data-dir", root, "--out", out,
+           *TINY, "--epochs", "500"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("[fm] epoch 2/500"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1
+    assert stderr.startswith(f"interrupted; the last checkpoint is {out / 'fm.pt'}, continue with --resume")
+    assert common.load_checkpoint(str(out / "fm.pt"), "mnist_unet")["epoch"] >= 2
+    assert not [f for f in os.listdir(out) if ".tmp-" in f]
+
+
+def test_a_second_run_into_a_locked_out_is_refused_and_overwrite_starts_afresh(cli_run, tmp_path):
+    _, root, out, _ = cli_run
+    before = folder_digest(out)
+    common.lock_out(str(out))  # another training run holds this --out
+    try:
+        assert_user_error(run_script("mnist_unet.py", "--part", "fm", "--data-dir", root, "--out", out, *TINY,
+                                     "--overwrite"), f"in use by another training run (pid {os.getpid()})")
+    finally:
+        while common.LOCKS:
+            common.LOCKS.pop().close()
+    assert folder_digest(out) == before
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "fm.pt").write_bytes((out / "fm.pt").read_bytes())
+    (copy / "metrics.jsonl").write_text('{"old": 1}\n')
+    main("--part", "fm", "--data-dir", root, "--out", copy, *TINY, "--epochs", "1", "--overwrite")
+    assert load(copy / "fm.pt")["epoch"] == 1 and "old" not in (copy / "metrics.jsonl").read_text()
 
 
 # ------------------------------------------------------------------------------------------ bad input
-def test_bad_inputs_exit_2_with_a_clear_message_and_touch_nothing(cli_run, tmp_path, monkeypatch):
-    tmp, root, out, _ = cli_run
+BAD_FLAGS = {  # name: (flags, what the one sentence must say)
+    "lr-nan": (["--lr", "nan"], "--lr must be a finite number"),
+    "cfg-inf": (["--cfg", "inf"], "--cfg must be a finite number"),
+    "epochs-zero": (["--epochs", "0"], "--epochs must be positive"),
+    "steps-negative": (["--steps", "-3"], "--steps must be positive"),
+    "seed-negative": (["--seed", "-1"], "--seed must be between 0 and"),
+    "seed-2**64": (["--seed", str(2**64)], "--seed must be between 0 and"),
+    "num-samples-zero": (["--num-samples", "0"], "--num-samples must be between 1 and 1,000,000"),
+    "num-samples-1e9": (["--num-samples", str(10**9)], "--num-samples must be between 1 and 1,000,000"),
+    "device-gpu": (["--device", "gpu"], "--device gpu is not a device"),
+    "resume-and-sample": (["--resume", "a.pt", "--sample", "b.pt"], "not both"),
+    "save-samples-not-npz": (["--save-samples", "s.png"], "must name a .npz file"),
+    "save-samples-without-a-flow-model": (["--part", "denoise", "--save-samples", "{tmp}/s.npz"],
+                                          "--save-samples needs an fm or cfg model"),
+    "save-samples-is-a-folder": (["--save-samples", "{tmp}/dir.npz"], "is not a regular file"),
+    "save-samples-in-a-missing-folder": (["--save-samples", "{tmp}/nope/s.npz"], "create its folder"),
+    "checkpoint-of-another-script": (["--resume", "{tmp}/other.pt"], "not mnist_unet.py"),
+    "truncated-checkpoint": (["--sample", "{tmp}/cut.pt"], "truncated or corrupt"),
+    "denoiser-cannot-sample": (["--sample", "{out}/denoise.pt"], "fm or cfg checkpoint"),
+    "resume-with-another-hidden": (["--resume", "{out}/cfg.pt", "--hidden", "16"], "hidden=8"),
+    "resume-with-another-seed": (["--resume", "{out}/cfg.pt", "--seed", "1"], "seed=0 but this run has seed=1"),
+    "resume-with-another-dataset": (["--resume", "{out}/cfg.pt", "--dataset", "fashion"], "dataset='mnist'"),
+    "resume-with-fewer-epochs": (["--resume", "{out}/cfg.pt", "--epochs", "1"], "pass --epochs 2 or more"),
+    "fresh-run-into-a-used-out": (["--out", "{out}"], "already holds a checkpoint of mnist_unet.py"),
+    "out-below-a-file": (["--out", "{tmp}/file/out"], "cannot write to the output folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_input_is_one_sentence_and_touches_nothing(case, cli_run, tmp_path):
+    _, root, out, _ = cli_run
     before = folder_digest(out)
-    # no data and no internet (a dead proxy makes any download attempt fail at once)
-    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    assert_user_error(run_script("mnist_unet.py", "--data-dir", tmp_path / "empty", "--out", out, *TINY),
-                      "--data-dir", "MNIST/raw")
-    # a checkpoint of another script
-    other = tmp_path / "other.pt"
-    common.save_checkpoint(str(other), {"script": "cifar_cfg", "config": {}, "model": {}})
-    assert_user_error(run_script("mnist_unet.py", "--resume", other, "--data-dir", root, "--out", out, *TINY),
-                      "cifar_cfg", "not mnist_unet.py")
-    # a checkpoint of another config
-    assert_user_error(run_script("mnist_unet.py", "--resume", out / "cfg.pt", "--data-dir", root, "--out", out,
-                                 *TINY, "--hidden", "16"), "hidden=8", "hidden=16")
-    # a truncated checkpoint
-    data = open(out / "cfg.pt", "rb").read()
-    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    assert_user_error(run_script("mnist_unet.py", "--sample", tmp_path / "cut.pt", "--out", out, "--device", "cpu"),
-                      "truncated or corrupt")
-    # a denoiser cannot sample
-    assert_user_error(run_script("mnist_unet.py", "--sample", out / "denoise.pt", "--out", out, "--device", "cpu"),
-                      "fm or cfg checkpoint")
-    # an unwritable --out (a path below a regular file)
+    (tmp_path / "dir.npz").mkdir()
     (tmp_path / "file").write_text("x")
-    assert_user_error(run_script("mnist_unet.py", "--data-dir", root, "--out", tmp_path / "file" / "out", *TINY), "--out")
-    # impossible numbers
-    assert_user_error(run_script("mnist_unet.py", "--data-dir", root, "--out", out, "--epochs", "0"), "--epochs must be positive")
-    assert_user_error(run_script("mnist_unet.py", "--data-dir", root, "--out", out, "--steps", "-3"), "--steps must be positive")
-    # --save-samples with no fm/cfg model to sample, or into a missing folder: refused before any data or output
-    fresh = tmp_path / "fresh"
-    assert_user_error(run_script("mnist_unet.py", "--part", "denoise", "--data-dir", root, "--out", fresh, *TINY,
-                                 "--save-samples", tmp_path / "s.npz"), "--save-samples needs an fm or cfg model")
-    assert_user_error(run_script("mnist_unet.py", "--resume", out / "cfg_nosched.pt", "--data-dir", root, "--out", fresh,
-                                 *TINY, "--save-samples", tmp_path / "s.npz"), "--save-samples needs an fm or cfg model")
-    for extra in (["--part", "fm", "--data-dir", root, *TINY], ["--sample", out / "fm.pt", "--device", "cpu"]):
-        assert_user_error(run_script("mnist_unet.py", *extra, "--out", fresh, "--save-samples", tmp_path / "nope" / "s.npz"),
-                          "cannot write --save-samples", "create it or pass another path")
-    assert not os.path.exists(fresh) and not os.path.exists(tmp_path / "s.npz")
-    assert folder_digest(out) == before  # nothing was overwritten
+    common.save_checkpoint(str(tmp_path / "other.pt"), {"script": "cifar_cfg", "config": {"a": 1}, "model": {}})
+    data = (out / "cfg.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    flags, fragment = BAD_FLAGS[case]
+    flags = [f.format(tmp=tmp_path, out=out) for f in flags]
+    with pytest.raises(common.UserError, match=re.escape(fragment)):
+        main("--data-dir", root, "--out", tmp_path / "new", *TINY, *flags)
+    assert folder_digest(out) == before and not os.path.exists(tmp_path / "new")
+    assert not os.path.exists(tmp_path / "s.npz")
+
+
+def test_bad_input_from_the_command_line_is_exit_2_without_traceback(tmp_path):
+    assert_user_error(run_script("mnist_unet.py", "--device", "gpu", "--out", tmp_path / "out"),
+                      "--device gpu is not a device")
+
+
+# -------------------------------------------------------------------------------- compile (slow)
+@pytest.mark.slow
+def test_compiled_and_eager_checkpoints_resume_each_other_and_benchmark(tmp_path, capsys):
+    root = make_mnist_root(tmp_path / "mnist", n=64)
+    flags = ["--part", "fm", "--data-dir", root, "--out", tmp_path / "out", *TINY, "--steps", "2"]
+    main(*flags, "--epochs", "1")
+    main(*flags, "--epochs", "2", "--resume", tmp_path / "out" / "fm.pt", "--compile",  # compiled resumes eager
+         "--save-samples", tmp_path / "s.npz", "--num-samples", "8")
+    compiled = load(tmp_path / "out" / "fm.pt")
+    assert compiled["epoch"] == 2 and not any(k.startswith("_orig_mod.") for k in compiled["model"])
+    assert np.isfinite(compiled["losses"]).all() and np.load(tmp_path / "s.npz")["images"].shape == (8, 1, 28, 28)
+    main(*flags, "--epochs", "3", "--resume", tmp_path / "out" / "fm.pt")  # eager resumes compiled
+    assert load(tmp_path / "out" / "fm.pt")["epoch"] == 3
+    capsys.readouterr()
+    main("--benchmark", "--part", "fm", "--hidden", "8", "--batch-size", "32", "--steps", "2", "--device", "cpu")
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fm |")]
+    numbers = [float(v) for v in row[0].strip("| ").split(" | ")[1:]]
+    assert len(numbers) == 7 and numbers[:2] == [8, 32] and all(v > 0 for v in numbers[2:4] + numbers[5:])
