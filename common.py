@@ -1,5 +1,20 @@
-"""The little code the four scripts share: errors, device, seeding, data, images, plots, checkpoints,
-progress and torchrun/DDP. Everything about a method (networks, losses, samplers) lives in its script."""
+"""The little code the four scripts and evaluate.py share. Everything about a method (networks, losses,
+samplers) lives in its script. In the order of the file:
+
+- errors: UserError, and run(), which turns bad input into one sentence and exit code 2, and Ctrl-C or
+  SIGTERM into one line naming the last checkpoint;
+- flag checks: one --help style, and refusals of non-finite, non-positive or out-of-range flags and seeds;
+- output folders: a writable --out, output files checked before any work, no silent overwrite of an earlier
+  run, one training per --out; the atomic files written into them are with the checkpoints below;
+- device and seeds, with the RNG states a --resume restores, and the precision (bf16, fp16 or fp32);
+- torchrun/DDP: joining the process group, and every rank's RNG state;
+- data: MNIST, Fashion-MNIST and CIFAR-10 read from torchvision's files, without running pickled code;
+- images: sample grids, GIFs, and the .npz of samples that evaluate.py reads;
+- plots: training curves drawn with PIL;
+- checkpoints and metrics: atomic writes, checkpoints with a checksum, metrics.jsonl;
+- progress: one line with the rate and the job's ETA every few seconds;
+- sampling over ranks: each rank's share of the samples, gathered on rank 0.
+"""
 import argparse
 import hashlib
 import io
@@ -25,16 +40,17 @@ class UserError(Exception):
     """Bad input (missing data, wrong checkpoint, impossible flag): reported in one sentence, exit code 2."""
 
 
-LAST_CHECKPOINT = {"path": None}  # set by save_checkpoint, named by the Ctrl-C message
+LAST_CHECKPOINT = {"path": None}  # set by save_checkpoint, so that the Ctrl-C message can name it
 
 
 def _interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (a scheduler, `kill`) ends like Ctrl-C: `finally` blocks remove temp files
+    # SIGTERM (a scheduler, `kill`) ends like Ctrl-C, so that `finally` blocks remove temp files
+    raise KeyboardInterrupt
 
 
 def run(main):
-    """Run a script's main(). A UserError prints its message and exits with code 2, without a traceback; Ctrl-C or
-    SIGTERM prints one line naming the last checkpoint and exits with 130."""
+    """Run a script's main(). A UserError prints its message and exits with code 2, without a traceback;
+    Ctrl-C or SIGTERM prints one line naming the last checkpoint and exits with 130."""
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()
@@ -43,23 +59,27 @@ def run(main):
         raise SystemExit(2)
     except KeyboardInterrupt:
         last = LAST_CHECKPOINT["path"]
-        print("interrupted" + (f"; the last checkpoint is {last}, continue with --resume {last}" if last else ""),
-              file=sys.stderr)
+        hint = f"; the last checkpoint is {last}, continue with --resume {last}" if last else ""
+        print("interrupted" + hint, file=sys.stderr)
         raise SystemExit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
 
+# ------------------------------------------------------------------------------------ flag checks
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """--help in one style for every script: the module docstring as written, and each flag's real default shown once
-    (none is shown for flags without one, e.g. switches and optional files)."""
+    """--help in one style for every script: the module docstring as written, and each flag's real default
+    shown once (none is shown for flags without one, e.g. switches and optional files)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "(default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+        if ("(default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
             return text
-        default = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+        default = action.default
+        if isinstance(default, (list, tuple)):
+            default = " ".join(map(str, default))
         return f"{text} (default: {default})"
 
 
@@ -88,25 +108,28 @@ def check_seed(args):
     check_range(args, "seed", 0, 2**31 - 1)  # numpy takes seeds below 2**32; the scripts add offsets to it
 
 
+# --------------------------------------------------------------------------------- output folders
 def prepare_out(path):
-    """Create the output folder, make sure we can write into it before any work starts, and remove the temp files
-    that killed runs left there."""
+    """Create the output folder, make sure we can write into it before any work starts, and remove the temp
+    files that killed runs left there."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write to the output folder {path} ({e.strerror}); pass a writable folder with --out")
+        raise UserError(f"cannot write to the output folder {path} ({e.strerror}); "
+                        f"pass a writable folder with --out")
     remove_stale_temps(path)
     return path
 
 
 def check_output_file(path, flag):
-    """Fail at the start, not after hours of training, when a file asked for (e.g. --save-samples) can't be written:
-    the target must be absent or a writable regular file, in a folder where we can create a file."""
+    """Fail at the start, not after hours of training, when a file asked for (e.g. --save-samples) can't be
+    written: the target must be absent or a writable regular file, in a folder where we can create a file."""
     if os.path.exists(path) and not os.path.isfile(path):
-        raise UserError(f"{flag} {path} exists and is not a regular file (a folder?); pass the path of a file")
+        raise UserError(f"{flag} {path} exists and is not a regular file (a folder?); "
+                        f"pass the path of a file")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path} exists and is read-only; pass another path")
     folder = os.path.dirname(os.path.abspath(path))
@@ -115,21 +138,27 @@ def check_output_file(path, flag):
         open(probe, "x").close()
         os.remove(probe)
     except OSError as e:
-        raise UserError(f"cannot write {flag} {path} ({e.strerror or e}); create its folder or pass another path")
+        raise UserError(f"cannot write {flag} {path} ({e.strerror or e}); "
+                        f"create its folder or pass another path")
     return path
 
 
 def check_fresh_run(checkpoint, resume, overwrite, script):
     """A new run must not silently replace the checkpoint of an earlier one in the same --out."""
     if os.path.exists(checkpoint) and not resume and not overwrite:
-        raise UserError(f"{checkpoint} already holds a checkpoint of {script}.py; pass --resume {checkpoint} to continue "
-                        f"it, --overwrite to start over, or another --out")
+        raise UserError(f"{checkpoint} already holds a checkpoint of {script}.py; pass --resume {checkpoint} "
+                        f"to continue it, --overwrite to start over, or another --out")
+
+
+# The open lock files of lock_out. They are kept referenced for the life of the process because closing one,
+# or letting it be garbage-collected, releases its lock.
+LOCKS = []
 
 
 def lock_out(folder):
-    """Hold an exclusive lock on folder/.lock for the life of the process, so two trainings can't share an --out.
-    The OS releases it when the process ends, even when it is killed."""
-    import fcntl
+    """Hold an exclusive lock on folder/.lock for the life of the process, so two trainings can't share an
+    --out. The OS releases it when the process ends, even when it is killed."""
+    import fcntl  # Unix only: imported here so that importing common works everywhere
 
     f = open(os.path.join(folder, ".lock"), "a+")
     try:
@@ -146,9 +175,6 @@ def lock_out(folder):
     LOCKS.append(f)
 
 
-LOCKS = []  # open lock files, kept for the life of the process
-
-
 # ------------------------------------------------------------------------------- device and seeds
 def get_device(name=None):
     """cuda, then mps, then cpu; an explicit name (e.g. 'cpu', 'cuda:1') wins."""
@@ -157,8 +183,10 @@ def get_device(name=None):
             raise UserError(f"--device {name} is not a device; pass cpu, cuda, cuda:N or mps")
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise UserError(f"--device {name} asked for, but this machine has no CUDA GPU; use --device cpu")
-        if name.startswith("cuda:") and not (name[5:].isdigit() and int(name[5:]) < torch.cuda.device_count()):
-            raise UserError(f"--device {name}: this machine has CUDA devices 0 to {torch.cuda.device_count() - 1}")
+        if name.startswith("cuda:"):
+            count = torch.cuda.device_count()
+            if not (name[5:].isdigit() and int(name[5:]) < count):
+                raise UserError(f"--device {name}: this machine has CUDA devices 0 to {count - 1}")
         if name == "mps" and not torch.backends.mps.is_available():
             raise UserError("--device mps asked for, but MPS is not available here; use --device cpu")
         return torch.device(name)
@@ -176,10 +204,14 @@ def seed_everything(seed):
 
 
 def rng_state():
-    """All RNG states, in a form torch.load(weights_only=True) accepts, so --resume continues the same stream."""
+    """All RNG states, in a form torch.load(weights_only=True) accepts, so --resume continues the same
+    stream."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),  # weights_only refuses arrays
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -199,8 +231,9 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def choose_precision(flag, device_type, capability=None):
-    """auto: bf16 on GPUs with native bf16 (compute capability >= 8.0: A100, L4, H100, RTX 30xx and newer), fp16 with a
-    gradient scaler on older GPUs (T4, V100: bf16 there is emulated or refused), fp32 on CPU and MPS."""
+    """auto: bf16 on GPUs with native bf16 (compute capability >= 8.0: A100, L4, H100, RTX 30xx and newer),
+    fp16 with a gradient scaler on older GPUs (T4, V100: bf16 there is emulated or refused), fp32 on CPU and
+    MPS."""
     if flag != "auto":
         return flag
     if device_type != "cuda":
@@ -212,8 +245,12 @@ def precision_for(flag, device, log=print):
     """The precision for this device, printed once."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     precision = choose_precision(flag, device.type, capability)
-    log(f"precision: {precision}" + (" (autocast; weights and checkpoints stay fp32)" if precision != "fp32" else "")
-        + (" with a gradient scaler" if precision == "fp16" else ""))
+    note = ""
+    if precision != "fp32":
+        note += " (autocast; weights and checkpoints stay fp32)"
+    if precision == "fp16":
+        note += " with a gradient scaler"
+    log(f"precision: {precision}{note}")
     return precision
 
 
@@ -224,7 +261,8 @@ def autocast(device, precision):
 
 
 def grad_scaler(device, precision):
-    """fp16 gradients underflow without loss scaling; for every other precision the scaler is a pass-through."""
+    """fp16 gradients underflow without loss scaling; for every other precision the scaler is a
+    pass-through."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
@@ -235,7 +273,8 @@ def setup_ddp(device_name=None):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world == 1:
         return 0, 1, get_device(device_name)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ["LOCAL_RANK"])
     device = get_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -245,20 +284,22 @@ def setup_ddp(device_name=None):
 
 
 def all_rng_states():
-    """Every DDP rank's rng_state() as a list indexed by rank (call it on every rank), so a resumed torchrun job
-    continues each rank's stream. Sent as torch.save bytes: all_gather_object can't pickle numpy's uint32 state tensor."""
+    """Every DDP rank's rng_state() as a list indexed by rank (call it on every rank), so a resumed torchrun
+    job continues each rank's stream. Sent as torch.save bytes: all_gather_object can't pickle numpy's
+    uint32 state tensor."""
     if not (dist.is_available() and dist.is_initialized()):
         return [rng_state()]
-    buf, states = io.BytesIO(), [None] * dist.get_world_size()
+    buf = io.BytesIO()
     torch.save(rng_state(), buf)
+    states = [None] * dist.get_world_size()
     dist.all_gather_object(states, buf.getvalue())
     return [torch.load(io.BytesIO(s), weights_only=True) for s in states]
 
 
 def set_rank_rng_state(states, fresh_seed):
-    """Restore this rank's entry of all_rng_states(). Saved by another number of processes, the streams can't continue:
-    each rank starts a fresh one from fresh_seed + rank."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    """Restore this rank's entry of all_rng_states(). Saved by another number of processes, the streams
+    can't continue: each rank starts a fresh one from fresh_seed + rank."""
+    rank, world = rank_and_world()
     if len(states) == world:
         set_rng_state(states[rank])
     else:
@@ -266,45 +307,72 @@ def set_rank_rng_state(states, fresh_seed):
 
 
 # -------------------------------------------------------------------------------------------- data
-# name -> (torchvision class, folder under --data-dir, files of the training and test splits, how to get them offline)
+# name -> (torchvision class, folder under --data-dir, files of the training split, files of the test split,
+#          what to put there by hand when there is no network)
 DATASETS = {
-    "mnist": ("MNIST", "MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
-              ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"], "the four gunzipped idx files from yann.lecun.com"),
-    "fashion": ("FashionMNIST", "FashionMNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
-                ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
-                "the four gunzipped idx files (Debian: apt install dataset-fashion-mnist, then gunzip "
-                "/usr/share/datasets/fashion-mnist/*.gz)"),
-    "cifar10": ("CIFAR10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "the python version of CIFAR-10 (cifar-10-python.tar.gz), unpacked"),
+    "mnist": (
+        "MNIST",
+        "MNIST/raw",
+        ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
+        ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
+        "the four gunzipped idx files from yann.lecun.com",
+    ),
+    "fashion": (
+        "FashionMNIST",
+        "FashionMNIST/raw",
+        ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
+        ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
+        "the four gunzipped idx files (Debian: apt install dataset-fashion-mnist, then gunzip "
+        "/usr/share/datasets/fashion-mnist/*.gz)",
+    ),
+    "cifar10": (
+        "CIFAR10",
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "the python version of CIFAR-10 (cifar-10-python.tar.gz), unpacked",
+    ),
 }
 CLASS_NAMES = {
     "mnist": [str(k) for k in range(10)],
-    "fashion": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
+    "fashion": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"],
     "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
 }
 
 
 def load_dataset(name, data_dir, train=True):
-    """MNIST, Fashion-MNIST or CIFAR-10 as one uint8 tensor (N, C, H, W) and int64 labels, read straight from the files
-    torchvision downloads; downloaded into data_dir when absent and the network allows. Nothing is left behind on failure."""
+    """MNIST, Fashion-MNIST or CIFAR-10 as one uint8 tensor (N, C, H, W) and int64 labels, read straight from
+    the files torchvision downloads; downloaded into data_dir when absent and the network allows. Nothing is
+    left behind on failure."""
     cls, sub, train_files, test_files, offline = DATASETS[name]
     where = os.path.join(data_dir, sub)
     files = [os.path.join(where, f) for f in (train_files if train else test_files)]
     layout = f"{os.path.join(data_dir, sub)}/{{{','.join(train_files + test_files)}}}"
     if not all(os.path.isfile(f) for f in files):
-        created = [d for d in (data_dir, os.path.join(data_dir, sub.split("/")[0]), where) if not os.path.exists(d)]
+        # the outermost folder the download will create, noted first, so that a failed one removes all it made
+        missing, path = None, os.path.abspath(where)
+        while not os.path.exists(path):
+            missing = path
+            path = os.path.dirname(path)
         try:
             import torchvision
             getattr(torchvision.datasets, cls)(data_dir, train=train, download=True)
         except Exception as e:  # no network, disk full, server down: all end the same way for the user
-            for d in reversed(created):  # a failed download leaves no empty folders behind
-                shutil.rmtree(d, ignore_errors=True)
-            raise UserError(f"{cls} is not in {os.path.abspath(data_dir)} and could not be downloaded ({e}); put {offline} "
-                            f"at {layout} (see 'Running offline' in the README) or pass --data-dir DIR")
+            if missing:
+                shutil.rmtree(missing, ignore_errors=True)
+            reason = " ".join(str(e).split())[:300]  # torchvision's message spans lines: keep one
+            raise UserError(f"{cls} is not in {os.path.abspath(data_dir)} and could not be downloaded "
+                            f"({reason}); "
+                            f"put {offline} at {layout} (see 'Running offline' in the README) "
+                            f"or pass --data-dir DIR")
     if name == "cifar10":
         parts = [read_cifar_batch(f) for f in files]
-        return torch.from_numpy(np.concatenate([p[0] for p in parts])), torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    images, labels = read_idx(files[0], 3), read_idx(files[1], 1)
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
+        return torch.from_numpy(images), torch.from_numpy(labels)
+    images = read_idx(files[0], 3)
+    labels = read_idx(files[1], 1)
     check_labels(files[1], labels, len(images), 10)
     return torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels.astype(np.int64))
 
@@ -314,7 +382,8 @@ def read_idx(path, ndim):
     with open(path, "rb") as f:
         raw = f.read()
     if len(raw) < 4 + 4 * ndim or raw[:4] != bytes([0, 0, 8, ndim]):
-        raise UserError(f"{path} is not an idx file of {ndim}-D uint8 data (bad header); replace it with the original file")
+        raise UserError(f"{path} is not an idx file of {ndim}-D uint8 data (bad header); "
+                        f"replace it with the original file")
     shape = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if data.size != math.prod(shape):
@@ -325,16 +394,23 @@ def read_idx(path, ndim):
 
 def check_labels(path, labels, n_images, n_classes):
     if len(labels) != n_images:
-        raise UserError(f"{path} has {len(labels)} labels for {n_images} images; replace it with the matching original file")
+        raise UserError(f"{path} has {len(labels)} labels for {n_images} images; "
+                        f"replace it with the matching original file")
     if len(labels) and not (0 <= labels.min() and labels.max() < n_classes):
         raise UserError(f"{path} has labels outside 0..{n_classes - 1}; replace it with the original file")
 
 
 class _CifarUnpickler(pickle.Unpickler):
-    """Admits only what the real CIFAR-10 batches hold (dicts, lists, strings, bytes, ints and numpy arrays): a crafted
-    pickle can't call anything else, so loading a data file never runs code."""
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"), ("numpy", "ndarray"),
-               ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
+    """Admits only what the real CIFAR-10 batches hold (dicts, lists, strings, bytes, ints and numpy arrays):
+    a crafted pickle can't call anything else, so loading a data file never runs code."""
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),  # numpy 2 renamed numpy.core to numpy._core
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+    }
 
     def find_class(self, module, name):
         if (module, name) not in self.ALLOWED:
@@ -349,7 +425,8 @@ def read_cifar_batch(path):
         images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch["labels"], dtype=np.int64)
     except Exception as e:
-        raise UserError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); replace it with the original file")
+        raise UserError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
+                        f"replace it with the original file")
     check_labels(path, labels, len(images), 10)
     return images, labels
 
@@ -369,7 +446,8 @@ def font(size=13):
 
 
 def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None, title=None):
-    """Tile (N, C, H, W) images in [-1, 1] into a PIL image, nrow images per row, with optional labels and title."""
+    """Tile (N, C, H, W) images in [-1, 1] into a PIL image, nrow images per row, with optional labels and
+    title."""
     import torchvision
 
     grid = torchvision.utils.make_grid(to_uint8(images), nrow=nrow, padding=pad, pad_value=255)
@@ -378,16 +456,18 @@ def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None, t
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     if not (row_labels or col_labels or title):
         return img
-    f, measure = font(), ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    f = font()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # the text must be measured before the canvas is sized
     left = 6 + max((measure.textlength(s, font=f) for s in row_labels or []), default=0)
     top = (18 if title else 0) + (16 if col_labels else 0)
-    out = Image.new("RGB", (max(img.width + int(left), int(measure.textlength(title or "", font=f)) + 8),
-                            img.height + top), "white")
+    width = max(img.width + int(left), int(measure.textlength(title or "", font=f)) + 8)
+    out = Image.new("RGB", (width, img.height + top), "white")
     out.paste(img, (int(left), top))
     draw = ImageDraw.Draw(out)
     if title:
         draw.text((4, 2), title, fill="black", font=f)
-    cell_h, cell_w = (images.shape[2] + pad) * scale, (images.shape[3] + pad) * scale
+    cell_h = (images.shape[2] + pad) * scale
+    cell_w = (images.shape[3] + pad) * scale
     for i, s in enumerate(row_labels or []):
         draw.text((2, top + i * cell_h + cell_h // 2), s, fill="black", font=f, anchor="lm")
     for j, s in enumerate(col_labels or []):
@@ -401,14 +481,17 @@ def save_grid(images, path, nrow, **kwargs):
 
 def save_gif(frames, path, nrow, scale=1, ms_per_frame=80, title=None):
     """frames: a list of (N, C, H, W) batches in [-1, 1]; the last frame is held for a second."""
-    imgs = [grid_image(f, nrow, scale=scale, title=title).convert("P", palette=Image.ADAPTIVE) for f in frames]
+    imgs = [grid_image(f, nrow, scale=scale, title=title).convert("P", palette=Image.ADAPTIVE)
+            for f in frames]
     durations = [ms_per_frame] * (len(imgs) - 1) + [1000]
     imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
 
 
 def save_samples_npz(path, images, labels):
-    """Samples for evaluation (evaluate.py, FID): `images` uint8 (N, C, H, W), `labels` int64 (N,), -1 = unconditional."""
-    pixels, labels = to_uint8(images).numpy(), np.asarray(labels, dtype=np.int64)
+    """Samples for evaluation (evaluate.py, FID): `images` uint8 (N, C, H, W), `labels` int64 (N,),
+    -1 = unconditional."""
+    pixels = to_uint8(images).numpy()
+    labels = np.asarray(labels, dtype=np.int64)
     atomic_write(path, lambda tmp: np.savez(tmp, images=pixels, labels=labels))
 
 
@@ -423,7 +506,8 @@ def nice_ticks(lo, hi, count=5, integer=False):
 
 
 def log_ticks(e0, e1):
-    """Round ticks between 10**e0 and 10**e1: 1, 2, 5 times the powers of ten, or only the powers when that is plenty."""
+    """Round ticks between 10**e0 and 10**e1: 1, 2, 5 times the powers of ten, or only the powers when that
+    is plenty."""
     decades = range(math.floor(e0), math.ceil(e1) + 1)
     for mantissas in ((1,), (1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9)):
         ticks = [m * 10.0 ** e for e in decades for m in mantissas if e0 <= math.log10(m * 10.0 ** e) <= e1]
@@ -432,10 +516,11 @@ def log_ticks(e0, e1):
     return ticks
 
 
-def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss", log_y=True, size=(720, 420),
-                marks=()):
-    """Line plot with PIL (no matplotlib). curves: {name: list of y, or (xs, ys)}; marks: (x, label) pairs drawn as
-    dotted vertical lines (e.g. epochs). Long noisy curves are drawn faint with a moving average on top."""
+def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss", log_y=True,
+                size=(720, 420), marks=()):
+    """Line plot with PIL (no matplotlib). curves: {name: list of y, or (xs, ys)}; marks: (x, label) pairs
+    drawn as dotted vertical lines (e.g. epochs). Long noisy curves are drawn faint with a moving average on
+    top."""
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
     series = {}
     for name, c in curves.items():
@@ -444,9 +529,10 @@ def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss
         if keep:
             series[name] = keep
     W, H = size
-    L, R, T, B = 78, 20, 44, 50
+    L, R, T, B = 78, 20, 44, 50  # margins (left, right, top, bottom) that hold the tick labels and titles
     img = Image.new("RGB", size, "white")
-    d, f = ImageDraw.Draw(img), font()
+    d = ImageDraw.Draw(img)
+    f = font()
     d.text((W // 2, 6), title, fill="black", font=font(15), anchor="mt")
     d.text((6, T - 20), ylabel + (" (log scale)" if log_y else ""), fill="black", font=f)
     d.text(((L + W - R) // 2, H - 6), xlabel, fill="black", font=f, anchor="mb")
@@ -454,13 +540,19 @@ def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss
         img.save(path)
         return
     g = math.log10 if log_y else (lambda v: v)
-    x0, x1 = min(x for s in series.values() for x, _ in s), max(x for s in series.values() for x, _ in s)
-    y0, y1 = min(g(y) for s in series.values() for _, y in s), max(g(y) for s in series.values() for _, y in s)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-3)
+    all_x = [x for s in series.values() for x, _ in s]
+    all_y = [g(y) for s in series.values() for _, y in s]
+    x0 = min(all_x)
+    x1 = max(all_x)
+    y0 = min(all_y)
+    y1 = max(all_y)
+    # a single point or a flat curve still needs axes of nonzero length
+    x1 = x1 if x1 > x0 else x0 + 1
+    y1 = y1 if y1 > y0 else y0 + 1e-3
     px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
     py = lambda y: H - B - (g(y) - y0) / (y1 - y0) * (H - T - B)
     d.rectangle([L, T, W - R, H - B], outline="black")
-    for xv in nice_ticks(x0, x1, 6, integer=all(float(x).is_integer() for s in series.values() for x, _ in s)):
+    for xv in nice_ticks(x0, x1, 6, integer=all(float(x).is_integer() for x in all_x)):
         d.line([px(xv), H - B, px(xv), H - B + 4], fill="black")
         d.text((px(xv), H - B + 6), f"{xv:,.10g}", fill="black", font=f, anchor="mt")
     y_ticks = log_ticks(y0, y1) if log_y else nice_ticks(y0, y1, 5)
@@ -479,7 +571,7 @@ def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss
             faint = tuple(255 - (255 - c) // 4 for c in colour)
             d.line([(px(x), py(y)) for x, y in pts], fill=faint)
             ys = np.convolve([y for _, y in pts], np.ones(window) / window, mode="valid")
-            pts = list(zip([x for x, _ in pts][window - 1:], ys))
+            pts = list(zip([x for x, _ in pts][window - 1:], ys))  # each mean drawn at its window's last x
         d.line([(px(x), py(y)) for x, y in pts], fill=colour, width=2)
         d.text((W - R - 8, T + 8 + 16 * k), name, fill=colour, font=f, anchor="ra")
     img.save(path)
@@ -490,15 +582,17 @@ TEMP = re.compile(r"\.tmp-(\d+)")  # the mark of atomic_write's temp files: name
 
 
 def atomic_write(path, write):
-    """write(tmp) to a temp file beside `path`, then rename it over `path`: a crash or a kill never leaves a half-written
-    file at `path`. The temp is removed on every exit Python controls (errors, a full disk, Ctrl-C, SIGTERM);
-    prepare_out removes those a SIGKILL left."""
-    tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"  # keeps the extension: np.savez would add .npz
+    """write(tmp) to a temp file beside `path`, then rename it over `path`: a crash or a kill never leaves a
+    half-written file at `path`. The temp is removed on every exit Python controls (errors, a full disk,
+    Ctrl-C, SIGTERM); prepare_out removes those a SIGKILL left."""
+    # the temp keeps the extension of `path`, or np.savez would add .npz to its name
+    tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"
     try:
         write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        raise UserError(f"could not write {path} ({getattr(e, 'strerror', None) or e}); the previous file is kept; "
+        reason = getattr(e, "strerror", None) or e
+        raise UserError(f"could not write {path} ({reason}); the previous file is kept; "
                         f"free some space or pass another --out")
     finally:
         if os.path.exists(tmp):
@@ -521,13 +615,14 @@ def pid_alive(pid):
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # the process exists but belongs to another user
         return True
     return True
 
 
 def checksum(state):
-    """sha256 of every tensor's bytes and every other value's repr, in a fixed order: a flipped byte changes it."""
+    """sha256 of every tensor's bytes and every other value's repr, in a fixed order: a flipped byte changes
+    it."""
     h = hashlib.sha256()
 
     def visit(value):
@@ -554,27 +649,32 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path, script, config=None, must_match=()):
     """Load a checkpoint written by `script` and check that the keys in must_match agree with config.
-    Checkpoints hold: script, config (the argparse namespace as a dict), model, and whatever the script adds."""
+    Checkpoints hold: script, config (the argparse namespace as a dict), model, and whatever the script
+    adds."""
     if os.path.isdir(path):
-        raise UserError(f"{path} is a folder; pass the checkpoint file inside it (e.g. {os.path.join(path, 'last.pt')})")
+        raise UserError(f"{path} is a folder; pass the checkpoint file inside it "
+                        f"(e.g. {os.path.join(path, 'last.pt')})")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist; pass a .pt file written by {script}.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt); pass another one or retrain")
+        raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt); "
+                        f"pass another one or retrain")
     if not isinstance(ckpt, dict) or ckpt.get("script") != script:
         owner = ckpt.get("script") if isinstance(ckpt, dict) else None
         raise UserError(f"{path} was written by {owner or 'another program'}, not {script}.py; "
                         f"pass a checkpoint of {script}.py")
     stored = ckpt.pop("checksum", None)
     if stored is None or checksum(ckpt) != stored:
-        raise UserError(f"{path} is corrupt (its checksum does not match its contents); pass another one or retrain")
+        raise UserError(f"{path} is corrupt (its checksum does not match its contents); "
+                        f"pass another one or retrain")
     if not isinstance(ckpt.get("config"), dict) or not ckpt["config"]:
         raise UserError(f"{path} has no saved settings, so it is not a checkpoint of {script}.py; "
                         f"pass one written by {script}.py")
     for key in must_match:
-        theirs, ours = ckpt["config"].get(key), (config or {}).get(key)
+        theirs = ckpt["config"].get(key)
+        ours = (config or {}).get(key)
         if theirs != ours:
             raise UserError(f"{path} was trained with {key}={theirs!r} but this run has {key}={ours!r}; "
                             f"pass the same setting or another checkpoint")
@@ -582,8 +682,8 @@ def load_checkpoint(path, script, config=None, must_match=()):
 
 
 class Metrics:
-    """One JSON object per line in `path` (e.g. runs/<script>/metrics.jsonl): per-step losses, per-epoch summaries,
-    evaluation numbers, for your own plots. --resume appends; a fresh run starts the file anew."""
+    """One JSON object per line in `path` (e.g. runs/<script>/metrics.jsonl): per-step losses, per-epoch
+    summaries, evaluation numbers, for your own plots. --resume appends; a fresh run starts the file anew."""
 
     def __init__(self, path, fresh):
         self.path = path
@@ -598,18 +698,23 @@ class Metrics:
 
 # ---------------------------------------------------------------------------------------- progress
 class Progress:
-    """Prints `sampling 3000/50000 | epoch 3/10 | loss 0.0512 | 1234 img/s | ETA 3m12s` about every `every` seconds.
-    `total` counts the whole job (every part of a multi-part run), so the ETA is the job's."""
+    """Prints `sampling 3000/50000 | epoch 3/10 | loss 0.0512 | 1234 img/s | ETA 3m12s` about every `every`
+    seconds. `total` counts the whole job (every part of a multi-part run), so the ETA is the job's."""
 
     def __init__(self, total, start=0, every=10.0, prefix="step", enabled=True):
         """start: where a resumed job starts, so the ETA counts only this process's work."""
-        self.total, self.start_count, self.every, self.prefix, self.enabled = total, start, every, prefix, enabled
+        self.total = total
+        self.start_count = start
+        self.every = every
+        self.prefix = prefix
+        self.enabled = enabled
         self.start = self.last = time.time()
         self.images = 0
 
     def update(self, done, images, **fields):
-        """Called with the work done so far (in units of `total`), the images processed since the last call, and
-        fields to show (e.g. epoch="3/10", loss=0.05; a tensor is read only when a line is printed)."""
+        """Called with the work done so far (in units of `total`), the images processed since the last call,
+        and fields to show (e.g. epoch="3/10", loss=0.05; a tensor is read only when a line is printed, as
+        reading it waits for the GPU)."""
         self.images += images
         now = time.time()
         if not self.enabled or (now - self.last < self.every and done != self.total):
@@ -620,7 +725,8 @@ class Progress:
         eta = (self.total - done) * (now - self.start) / max(done - self.start_count, 1)
         print(f"{self.prefix} {done}/{self.total} | {shown + ' | ' if shown else ''}{rate:.0f} img/s | "
               f"ETA {format_time(eta)}", flush=True)
-        self.last, self.images = now, 0
+        self.last = now
+        self.images = 0
 
 
 def format_time(seconds):
@@ -638,8 +744,9 @@ def rank_and_world():
 
 
 def gather_chunks(chunks):
-    """chunks: {index: uint8 array} that this rank made (each rank a share of the indices). Rank 0 returns all of them
-    concatenated in index order, so the result equals a one-process run; the other ranks return None."""
+    """chunks: {index: uint8 array} that this rank made (each rank a share of the indices). Rank 0 returns all
+    of them concatenated in index order, so the result equals a one-process run; the other ranks return
+    None."""
     rank, world = rank_and_world()
     if world > 1:
         everyone = [None] * world

@@ -1,5 +1,5 @@
-"""Test helpers shared by the test files: small datasets in the on-disk layouts the scripts read, and a CLI runner.
-Every dataset here is made by the tests; nothing is downloaded."""
+"""Test helpers shared by the test files: small datasets in the on-disk layouts the scripts read, and a CLI
+runner. Every dataset here is made by the tests; nothing is downloaded."""
 import os
 import pickle
 import subprocess
@@ -36,8 +36,9 @@ def _idx(path, array, code):
 
 
 def make_mnist_root(root, n=256, seed=0, folder="MNIST", n_test=None):
-    """A torchvision MNIST root (MNIST/raw/*-ubyte, train and t10k) holding `shapes` digits; folder="FashionMNIST"
-    gives the Fashion-MNIST layout. The test split is another draw of the same shapes (n_test images, default n)."""
+    """A torchvision MNIST root (MNIST/raw/*-ubyte, train and t10k) holding `shapes` digits;
+    folder="FashionMNIST" gives the Fashion-MNIST layout. The test split is another draw of the same shapes
+    (n_test images, default n)."""
     raw = os.path.join(root, folder, "raw")
     os.makedirs(raw, exist_ok=True)
     for split, count, s in (("train", n, seed), ("t10k", n_test or n, seed + 1)):
@@ -53,12 +54,14 @@ def make_fashion_root(root, n=256, seed=0, n_test=None):
 
 
 def make_cifar_root(root, n=100, seed=0):
-    """A CIFAR-10 root in the python-pickle layout (cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta)."""
+    """A CIFAR-10 root in the python-pickle layout (cifar-10-batches-py/data_batch_1..5, test_batch,
+    batches.meta)."""
     images, labels = shapes(n, 32, 3, seed=seed)
     where = os.path.join(root, "cifar-10-batches-py")
     os.makedirs(where, exist_ok=True)
     parts = np.array_split(np.arange(n), 5)
-    for name, idx in [(f"data_batch_{i + 1}", p) for i, p in enumerate(parts)] + [("test_batch", np.arange(n))]:
+    batches = [(f"data_batch_{i + 1}", p) for i, p in enumerate(parts)] + [("test_batch", np.arange(n))]
+    for name, idx in batches:
         with open(os.path.join(where, name), "wb") as f:
             pickle.dump({"data": images[idx].reshape(len(idx), -1), "labels": labels[idx].tolist()}, f)
     with open(os.path.join(where, "batches.meta"), "wb") as f:
@@ -72,14 +75,16 @@ def make_image_folder(folder, n=12, size=(48, 40), seed=0):
     os.makedirs(folder, exist_ok=True)
     rng = np.random.default_rng(seed)
     for i in range(n):
-        w, h = size[0] + 4 * (i % 3), size[1] + 2 * (i % 2)
+        w = size[0] + 4 * (i % 3)
+        h = size[1] + 2 * (i % 2)
         pixels = (rng.random((h, w, 3)) * 60 + np.linspace(0, 190, w)[None, :, None]).astype(np.uint8)
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.{'png' if i % 2 else 'jpg'}"))
     return str(folder)
 
 
 def run_script(script, *args, cwd=None, timeout=600, torchrun=None):
-    """Run `python script.py args` (or under torchrun with `torchrun` processes) and return the CompletedProcess."""
+    """Run `python script.py args` (or under torchrun with `torchrun` processes) and return the
+    CompletedProcess."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     cmd = [sys.executable]
     if torchrun:

@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -28,7 +29,8 @@ def test_grid_png_has_the_tiled_size_and_pixels(tmp_path):
     common.save_grid(images, tmp_path / "g.png", nrow=3, pad=2, scale=2)
     img = np.asarray(Image.open(tmp_path / "g.png").convert("L"))
     assert img.shape == (2 * (2 * 10 + 2), 2 * (3 * 10 + 2))  # 2 rows x 3 columns of 8 px + 2 px padding, x2
-    assert img[2 * 12 + 4, 2 * 12 + 4] == 255 and img[2 * 2 + 4, 2 * 2 + 4] == 0  # image 4 white, image 0 black
+    assert img[2 * 12 + 4, 2 * 12 + 4] == 255  # image 4 is white
+    assert img[2 * 2 + 4, 2 * 2 + 4] == 0  # image 0 is black
     common.save_grid(images, tmp_path / "l.png", nrow=3, row_labels=["a", "b"], col_labels=["x", "y", "z"])
     labelled = Image.open(tmp_path / "l.png")
     assert labelled.width > 3 * 10 + 2 and labelled.height > 2 * 10 + 2
@@ -42,7 +44,8 @@ def test_gif_has_one_frame_per_batch(tmp_path):
 
 
 def test_loss_plot_draws_each_curve(tmp_path):
-    common.plot_curves(tmp_path / "loss.png", {"train": [1.0 / (i + 1) for i in range(300)], "val": ([1, 100, 300], [0.5, 0.1, 0.05])})
+    curves = {"train": [1.0 / (i + 1) for i in range(300)], "val": ([1, 100, 300], [0.5, 0.1, 0.05])}
+    common.plot_curves(tmp_path / "loss.png", curves)
     img = np.asarray(Image.open(tmp_path / "loss.png").convert("RGB")).reshape(-1, 3)
     assert (np.abs(img - [31, 119, 180]).sum(1) == 0).sum() > 100  # the first curve's colour
     assert (np.abs(img - [214, 39, 40]).sum(1) == 0).sum() > 50  # the second's
@@ -58,7 +61,8 @@ def test_samples_npz_layout(tmp_path):
 
 def test_checkpoint_round_trip_and_every_refusal(tmp_path):
     path = str(tmp_path / "last.pt")
-    common.save_checkpoint(path, {"script": "mnist_unet", "config": {"hidden": 64}, "model": {"w": torch.ones(2)}})
+    state = {"script": "mnist_unet", "config": {"hidden": 64}, "model": {"w": torch.ones(2)}}
+    common.save_checkpoint(path, state)
     assert os.listdir(tmp_path) == ["last.pt"]
     ckpt = common.load_checkpoint(path, "mnist_unet", {"hidden": 64}, must_match=("hidden",))
     assert torch.equal(ckpt["model"]["w"], torch.ones(2))
@@ -80,13 +84,14 @@ def test_checkpoint_round_trip_and_every_refusal(tmp_path):
 def test_rng_state_restores_every_stream():
     common.seed_everything(3)
     state = common.rng_state()
-    first = (np.random.rand(), torch.rand(3), __import__("random").random())
+    first = (np.random.rand(), torch.rand(3), random.random())
     common.set_rng_state(state)
-    again = (np.random.rand(), torch.rand(3), __import__("random").random())
+    again = (np.random.rand(), torch.rand(3), random.random())
     assert first[0] == again[0] and torch.equal(first[1], again[1]) and first[2] == again[2]
 
 
-@pytest.mark.parametrize("name, make, shape", [("mnist", make_mnist_root, (1, 28, 28)), ("cifar10", make_cifar_root, (3, 32, 32))])
+@pytest.mark.parametrize("name, make, shape", [("mnist", make_mnist_root, (1, 28, 28)),
+                                                ("cifar10", make_cifar_root, (3, 32, 32))])
 def test_load_dataset_reads_torchvision_layouts_exactly(tmp_path, name, make, shape):
     root = make(tmp_path, n=40)
     images, labels = common.load_dataset(name, root)
@@ -97,7 +102,7 @@ def test_load_dataset_reads_torchvision_layouts_exactly(tmp_path, name, make, sh
 
 def test_missing_dataset_names_data_dir(tmp_path):
     blocker = tmp_path / "not_a_dir"
-    blocker.write_text("")  # a folder below a file can't be created, so no download is attempted over the network
+    blocker.write_text("")  # no folder can be created below a file, so no download is tried over the network
     with pytest.raises(common.UserError, match="--data-dir"):
         common.load_dataset("mnist", str(blocker / "data"))
 
@@ -136,17 +141,22 @@ def test_rank_rng_state_continues_or_reseeds():
     common.set_rank_rng_state(states, fresh_seed=99)
     assert len(states) == 1 and torch.equal(torch.rand(3), expected)  # the saved stream continues
     common.set_rank_rng_state(states * 2, fresh_seed=99)  # saved by 2 processes, resumed by 1: a fresh stream
-    assert torch.equal(torch.rand(3), torch.rand(3, generator=torch.Generator().manual_seed(99)))  # seed 99 + rank 0
+    fresh = torch.Generator().manual_seed(99)  # fresh_seed + rank 0
+    assert torch.equal(torch.rand(3), torch.rand(3, generator=fresh))
 
 
 # ---------------------------------------------------------------------------- precision and GPU decisions
-@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+@pytest.mark.parametrize("capability, expected",
+                         [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")])
 def test_auto_precision_follows_native_bf16(capability, expected):
-    assert common.choose_precision("auto", "cuda", capability) == expected  # T4/V100 fp16 + scaler; Ampere+ bf16
-    assert common.choose_precision("auto", "cpu") == "fp32" and common.choose_precision("bf16", "cpu") == "bf16"
+    # T4 and V100 get fp16 with a scaler; Ampere and newer, bf16
+    assert common.choose_precision("auto", "cuda", capability) == expected
+    assert common.choose_precision("auto", "cpu") == "fp32"
+    assert common.choose_precision("bf16", "cpu") == "bf16"
 
 
-@pytest.mark.parametrize("precision, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
+@pytest.mark.parametrize("precision, dtype",
+                         [("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)])
 def test_autocast_and_scaler_run_a_step_on_the_cpu(precision, dtype):
     cpu = torch.device("cpu")
     model = torch.nn.Linear(8, 8)
@@ -161,7 +171,8 @@ def test_autocast_and_scaler_run_a_step_on_the_cpu(precision, dtype):
     scaler.unscale_(opt)
     scaler.step(opt)
     scaler.update()
-    assert model.weight.dtype == torch.float32 and not torch.equal(model.weight, before)  # weights stay fp32, and moved
+    assert model.weight.dtype == torch.float32  # the weights stay fp32
+    assert not torch.equal(model.weight, before)  # and the step moved them
 
 
 # ------------------------------------------------------------------------------------------ bad flags
@@ -246,7 +257,8 @@ def test_atomic_write_interrupted_leaves_no_temp(tmp_path):
 
 
 def test_prepare_out_removes_only_dead_processes_temps(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True)
     dead_pid = int(dead.stdout)  # a process that has ended
     (tmp_path / f"last.pt.tmp-{dead_pid}").write_text("stale")
     (tmp_path / f"s.npz.tmp-{dead_pid}.npz").write_text("stale")
@@ -256,8 +268,9 @@ def test_prepare_out_removes_only_dead_processes_temps(tmp_path):
 
 
 def test_out_lock_refuses_a_second_holder_naming_its_pid(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, common; common.lock_out(sys.argv[1]); "
-                               "print('locked', flush=True); time.sleep(30)", str(tmp_path)],
+    program = ("import sys, time, common; common.lock_out(sys.argv[1]); "
+               "print('locked', flush=True); time.sleep(30)")
+    holder = subprocess.Popen([sys.executable, "-c", program, str(tmp_path)],
                               cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
@@ -281,7 +294,8 @@ def test_fresh_run_into_an_existing_run_is_refused(tmp_path):
 
 def test_flipped_checkpoint_bytes_are_refused(tmp_path):
     path = tmp_path / "last.pt"
-    common.save_checkpoint(str(path), {"script": "mnist_unet", "config": {"a": 1}, "model": {"w": torch.zeros(4096)}})
+    state = {"script": "mnist_unet", "config": {"a": 1}, "model": {"w": torch.zeros(4096)}}
+    common.save_checkpoint(str(path), state)
     raw = bytearray(path.read_bytes())
     offset = raw.index(bytes(4096 * 4)) + 1000  # inside the stored zeros of w
     raw[offset] ^= 0x40
@@ -310,7 +324,8 @@ def test_metrics_file_appends_json_lines(tmp_path):
 # ----------------------------------------------------------------------------------------------- data
 def test_fashion_layout_and_class_names(tmp_path):
     root = make_fashion_root(tmp_path, n=30, n_test=20)
-    train, test = common.load_dataset("fashion", root), common.load_dataset("fashion", root, train=False)
+    train = common.load_dataset("fashion", root)
+    test = common.load_dataset("fashion", root, train=False)
     assert train[0].shape == (30, 1, 28, 28) and test[0].shape == (20, 1, 28, 28)
     assert common.CLASS_NAMES["fashion"][9] == "Ankle boot"
 
@@ -342,20 +357,37 @@ def test_label_count_and_range_are_checked_at_load(tmp_path):
         common.load_dataset("mnist", root)
 
 
-def test_failed_download_names_the_layout_and_leaves_no_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("nested", [False, True])
+def test_failed_download_names_the_layout_and_leaves_no_folder(tmp_path, monkeypatch, nested):
     import torchvision
 
-    def offline(*args, **kwargs):
-        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: network is unreachable")
+    def offline(root, train, download):  # as torchvision does: the folders first, then a multi-line error
+        os.makedirs(os.path.join(root, "FashionMNIST", "raw"))
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://...,\n"
+                           "got: network is unreachable")
     monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
-    data = tmp_path / "data"
+    data = tmp_path / "a" / "b" if nested else tmp_path / "data"
     with pytest.raises(common.UserError) as e:
         common.load_dataset("fashion", str(data))
     message = str(e.value)
-    for fragment in (str(data), "network is unreachable", "gunzipped", "dataset-fashion-mnist", "Running offline",
-                     "FashionMNIST/raw/"):
+    assert "\n" not in message
+    for fragment in (str(data), "network is unreachable", "gunzipped", "dataset-fashion-mnist",
+                     "Running offline", "FashionMNIST/raw/"):
         assert fragment in message, message
-    assert not data.exists()
+    assert os.listdir(tmp_path) == []  # every folder the attempt made is gone, the outermost included
+
+
+def test_failed_download_keeps_the_users_own_folder(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(root, train, download):
+        os.makedirs(os.path.join(root, "FashionMNIST", "raw"))
+        raise RuntimeError("network is unreachable")
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", offline)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(common.UserError):
+        common.load_dataset("fashion", str(tmp_path))
+    assert os.listdir(tmp_path) == ["notes.txt"]
 
 
 # ------------------------------------------------------------------------------------- plots and grids
