@@ -810,7 +810,7 @@ def validate(args):
     if args.save_samples and not (args.sample and args.save_samples.endswith(".npz")):
         raise common.UserError("--save-samples FILE.npz needs --sample CKPT and a file name ending in .npz")
     if args.save_samples:
-        common.check_output_file(args.save_samples, "--save-samples")
+        common.check_output_file(args.save_samples, "--save-samples", out=args.out)
     if args.no_flip and args.dataset not in FLIPPED:
         raise common.UserError(f"--no-flip: {args.dataset} images are never flipped; drop --no-flip")
     if args.resume and args.sample:

@@ -644,7 +644,7 @@ def validate(args):
     if args.save_samples and not args.save_samples.endswith(".npz"):
         raise common.UserError(f"--save-samples {args.save_samples}: pass a file name ending in .npz")
     if args.save_samples:
-        common.check_output_file(args.save_samples, "--save-samples")
+        common.check_output_file(args.save_samples, "--save-samples", out=args.out)
     if args.sample and args.resume:
         raise common.UserError("pass either --sample CKPT (no training) or --resume CKPT, not both")
     return args

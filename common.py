@@ -124,15 +124,18 @@ def prepare_out(path):
     return path
 
 
-def check_output_file(path, flag):
+def check_output_file(path, flag, out=None):
     """Fail at the start, not after hours of training, when a file asked for (e.g. --save-samples) can't be
-    written: the target must be absent or a writable regular file, in a folder where we can create a file."""
+    written: the target must be absent or a writable regular file, in a folder where we can create a file.
+    A file in the run's --out folder `out`, not made yet, is checked when prepare_out makes that folder."""
     if os.path.exists(path) and not os.path.isfile(path):
         raise UserError(f"{flag} {path} exists and is not a regular file (a folder?); "
                         f"pass the path of a file")
     if os.path.exists(path) and not os.access(path, os.W_OK):
         raise UserError(f"{flag} {path} exists and is read-only; pass another path")
     folder = os.path.dirname(os.path.abspath(path))
+    if out and folder == os.path.abspath(out) and not os.path.exists(folder):
+        return path
     probe = os.path.join(folder, f".{os.path.basename(path)}.probe-{os.getpid()}")
     try:
         open(probe, "x").close()

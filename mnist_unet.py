@@ -615,9 +615,8 @@ def validate(args):
         raise common.UserError("pass either --resume (continue training) or --sample (sampling), not both")
     if args.save_samples and not args.save_samples.endswith(".npz"):
         raise common.UserError(f"--save-samples {args.save_samples} must name a .npz file")
-    folder = os.path.dirname(os.path.abspath(args.save_samples or "."))
-    if args.save_samples and (folder != os.path.abspath(args.out) or os.path.isdir(folder)):
-        common.check_output_file(args.save_samples, "--save-samples")  # in a new --out: checked with it
+    if args.save_samples:
+        common.check_output_file(args.save_samples, "--save-samples", out=args.out)
     return args
 
 

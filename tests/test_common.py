@@ -435,3 +435,12 @@ def test_interrupt_is_one_line_naming_the_last_checkpoint(tmp_path, sig, code):
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code and "Traceback" not in err
     assert err.strip() == f"interrupted; the last checkpoint is {ckpt}, continue with --resume {ckpt}"
+
+
+def test_output_file_in_the_runs_new_out_folder_is_left_to_prepare_out(tmp_path):
+    out = tmp_path / "run"
+    target = str(out / "s.npz")
+    assert common.check_output_file(target, "--save-samples", out=str(out)) == target
+    assert not out.exists()  # nothing made before the run starts
+    with pytest.raises(common.UserError, match="--save-samples"):  # any other missing folder is refused
+        common.check_output_file(str(tmp_path / "elsewhere" / "s.npz"), "--save-samples", out=str(out))
