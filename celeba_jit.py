@@ -299,10 +299,14 @@ def ode_solve(velocity, x, steps, solver, on_step=None):
 @torch.no_grad()
 def generate(model, noise, y, cfg, steps, solver=SOLVER, interval=CFG_INTERVAL, precision="fp32",
              on_step=None):
-    """Images (about [-1, 1]) from N(0, I) noise, scaled by the model's noise_scale; y: labels or None."""
+    """Images in [-1, 1], on the model's device, from N(0, I) noise scaled by the model's noise_scale;
+    y: labels or None."""
+    device = next(model.parameters()).device
+    noise, y = noise.to(device), None if y is None else y.to(device)
     velocity = lambda z, t: guided_velocity(model, z, t, y, cfg, interval, model.pred, model.t_eps)
-    with common.autocast(noise.device, precision):
-        return ode_solve(velocity, noise * model.noise_scale, steps, solver, on_step)
+    with common.autocast(device, precision):
+        x = ode_solve(velocity, noise * model.noise_scale, steps, solver, on_step)
+    return x.clamp(-1, 1)
 
 
 def ema_update(ema, model, decay):
@@ -404,8 +408,9 @@ def train(args, rank, world, device, precision, log):
                 if world > 1:
                     dist.all_reduce(group)
                 group = (group / world).tolist()
-                if not all(math.isfinite(v) for v in group):  # before a checkpoint of NaN weights is written
-                    raise common.UserError(f"the loss became {group[-1]} by step {step} (epoch {epoch + 1}); "
+                bad = [v for v in group if not math.isfinite(v)]
+                if bad:  # before a checkpoint of NaN weights is written
+                    raise common.UserError(f"the loss became {bad[0]} by step {step} (epoch {epoch + 1}); "
                                            f"stopped without writing a checkpoint; try a lower --lr (now "
                                            f"{args.lr:g}), --grad-clip 1 or --precision fp32")
                 losses.extend(group)
@@ -531,8 +536,11 @@ def sample_only(args, device, precision, log):
     if args.save_samples:
         path, n = args.save_samples, args.num_samples
         save_samples(model, path, n, args.batch_size, classes, args.seed, sampling)
+        dataset, data_dir = config["dataset"], config["data_dir"]
+        if dataset == "celeba":  # evaluate.py scores CelebA as a folder of images (FID)
+            dataset, data_dir = "folder", find_celeba(data_dir)
         log(f"wrote {n} samples to {path}; evaluate them with: python evaluate.py {path} "
-            f"--dataset {config['dataset']} --data-dir {config['data_dir']}")
+            f"--dataset {dataset} --data-dir {data_dir}")
 
 
 def save_samples(model, path, n, batch, classes, seed, sampling):

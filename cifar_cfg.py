@@ -592,7 +592,7 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=common.PRECISIONS, default="auto",
                    help="auto: bf16 on GPUs that have it, fp16 with a grad scaler on older ones, fp32 on CPU")
     p.add_argument("--seed", type=int, default=0,
-                   help="random seed; rank r of a torchrun job uses seed + r (default: 0)")
+                   help="random seed; rank r of a torchrun job uses seed + r")
     p.add_argument("--epochs", type=int, default=50, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128,
                    help="global batch, split over torchrun processes; also the sampling batch")
@@ -631,6 +631,10 @@ def validate(args):
     common.check_seed(args)
     common.check_positive(args, "epochs", "batch_size", "lr", "grad_clip", "steps")
     common.check_range(args, "num_samples", 1, 1_000_000)
+    common.check_range(args, "steps", 1, 10_000)
+    if args.no_flip and args.dataset != "cifar10":
+        raise common.UserError(f"--no-flip applies to cifar10 only ({args.dataset} is never flipped); "
+                               f"drop it")
     if args.cfg < 0:
         raise common.UserError(f"--cfg must be 0 or more (0 is unconditional), got {args.cfg}")
     if args.warmup < 0 or not 0 <= args.label_dropout < 1 or not 0 <= args.ema_decay < 1:

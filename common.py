@@ -253,6 +253,8 @@ def precision_for(flag, device, log=print):
         note += " (autocast; weights and checkpoints stay fp32)"
     if precision == "fp16":
         note += " with a gradient scaler"
+    if precision == "bf16" and capability is not None and capability < (8, 0):
+        note += "; this GPU has no native bf16, so it is emulated and slow: --precision fp16 is faster"
     log(f"precision: {precision}{note}")
     return precision
 

@@ -298,7 +298,7 @@ def parse_args(argv=None):
         "the folder of real images")
     add("--cache-dir", default=os.path.join("runs", "evaluate"), help="where trained classifiers are kept")
     add("--device", help="cuda, cuda:N, mps or cpu (default: the best available; FID: cuda or cpu)")
-    add("--seed", type=int, default=0, help="picks the real training images of the floor (default: 0)")
+    add("--seed", type=int, default=0, help="picks the real training images of the floor")
     add("--batch-size", type=int, default=500, help="images per forward pass of the feature networks")
     add("--unconditional", action="store_true", help="the samples have no labels: skip the class accuracy")
     add("--metrics", metavar="FILE.jsonl", help="append the numbers to FILE.jsonl as one JSON line")

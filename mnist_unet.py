@@ -248,10 +248,13 @@ def ode_solve(velocity, x, steps, solver="euler", on_step=None):
 
 @torch.no_grad()
 def generate(model, noise, y=None, cfg=CFG_W, steps=50, solver="euler", precision="fp32", on_step=None):
-    """Images in [-1, 1] from noise (N, 1, 28, 28) on the model's device; y: labels (None for fm)."""
+    """Images in [-1, 1] from noise (N, 1, 28, 28), on the model's device; y: labels (None for fm)."""
     model.eval()
-    with common.autocast(noise.device, precision):
-        return ode_solve(lambda x, t: guided_velocity(model, x, t, y, cfg), noise, steps, solver, on_step)
+    device = next(model.parameters()).device
+    noise, y = noise.to(device), None if y is None else y.to(device)
+    with common.autocast(device, precision):
+        x = ode_solve(lambda x, t: guided_velocity(model, x, t, y, cfg), noise, steps, solver, on_step)
+    return x.clamp(-1, 1)
 
 
 def load_model(path, device="cpu"):
@@ -558,7 +561,7 @@ def save_samples(model, name, n, path, job):
         noise = fixed_noise(min(SAMPLE_CHUNK, n - i), job["seed"] + 3 + i, device)
         y = labels[i:i + len(noise)] if cond else None
         images = generate(model, noise, y, cfg=job["cfg"], steps=job["steps"], precision=job["precision"])
-        chunks.append(images)
+        chunks.append(images.cpu())
         progress.update(i + len(noise), len(noise))
     images = torch.cat(chunks).cpu()
     common.save_samples_npz(path, images, labels.cpu())
@@ -610,6 +613,9 @@ def validate(args):
     common.check_finite(args)
     common.check_positive(args, "epochs", "steps", "batch_size", "lr", "hidden")
     common.check_range(args, "num_samples", 1, 1_000_000)
+    common.check_range(args, "steps", 1, 10_000)
+    if args.cfg is not None and args.cfg < 0:
+        raise common.UserError(f"--cfg must be 0 or more (0 is unconditional), got {args.cfg}")
     common.check_seed(args)
     if args.resume and args.sample:
         raise common.UserError("pass either --resume (continue training) or --sample (sampling), not both")
