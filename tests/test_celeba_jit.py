@@ -655,3 +655,16 @@ def test_bad_input_from_the_command_line(tmp_path):
     r = run_script("celeba_jit.py", "--dataset", "folder", "--data-dir", tmp_path / "missing",
                    "--out", tmp_path / "o", *TINY)
     assert_user_error(r, "does not exist", "--data-dir")
+
+
+CIFAR_GRID = ["--model", "mnist", "--patch", "4", "--stride", "4"]
+
+
+@pytest.mark.parametrize("flags, mu", [(["--dataset", "fashion"], 0.0), (["--dataset", "mnist"], 0.0),
+                                       (["--dataset", "cifar10", *CIFAR_GRID], 0.0),
+                                       (["--dataset", "celeba"], -0.8),
+                                       (["--dataset", "fashion", "--t-mu", "-0.8"], -0.8)])
+def test_default_t_mu_is_the_measured_one_for_small_images(flags, mu):
+    args = jit.validate(jit.parse_args(flags))
+    assert args.t_mu == mu
+    assert jit.effective_t_mu(args.t_mu, args.res) == mu  # 28-256 px: never shifted
