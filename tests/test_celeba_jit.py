@@ -209,10 +209,13 @@ def test_generate_uses_the_models_noise_scale_and_prediction():
     model.noise_scale = 2.0
     seen = []
     model.register_forward_hook(lambda m, inputs, out: seen.append(inputs[0].std().item()))
-    images = jit.generate(model, torch.randn(64, 1, 16, 16), None, cfg=3.0, steps=3, solver="euler")
+    path = []
+    images = jit.generate(model, torch.randn(64, 1, 16, 16), None, cfg=3.0, steps=3, solver="euler",
+                          on_step=path.append)
     assert abs(seen[0] - 2) < 0.1 and len(seen) == 3  # unconditional: no guided (doubled) batch
     # the untrained eps-model outputs 0 ("no noise"): v = z_t / t, so the Euler steps grow z
-    assert images.abs().mean() > 2 * seen[0]
+    assert path[-1].abs().mean() > 2 * seen[0]
+    assert torch.equal(images, path[-1].clamp(-1, 1))  # the images are the last state, in [-1, 1]
 
 
 def test_learns_class_shapes():
@@ -284,7 +287,8 @@ def test_cli_celeba_folder_end_to_end(tmp_path):
     samples = np.load(out / "s.npz")
     assert samples["images"].shape == (5, 3, 16, 16) and samples["images"].dtype == np.uint8
     assert (samples["labels"] == -1).all() and (out / "sampled" / "samples.png").exists()
-    assert f"python evaluate.py {out / 's.npz'} --dataset celeba --data-dir {tmp_path / 'data'}" in r.stdout
+    folder = tmp_path / "data" / "img_align_celeba"  # evaluate.py scores CelebA as a folder of images
+    assert f"python evaluate.py {out / 's.npz'} --dataset folder --data-dir {folder}" in r.stdout
     assert "are ignored" in r.stdout
 
 
