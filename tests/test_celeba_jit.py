@@ -516,7 +516,7 @@ def test_help_shows_every_default_once_and_the_presets(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         jit.parse_args(["--help"])
     text = capsys.readouterr().out
-    for default in ["(default: 100)", "(default: 128)", "(default: 0.9999)", "(default: -0.8)",
+    for default in ["(default: 100)", "(default: 128)", "(default: 0.9999)", "(default: -0.8, the paper's",
                     "(default: 50)", "(default: heun)", "(default: 1000)", "(default: 0.1 1.0)",
                     "(default: runs/celeba_jit)", "(default: 3, JiT-B's", "(default: auto)", "(default: x)",
                     "(default: 0)"]:
