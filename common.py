@@ -52,6 +52,7 @@ def run(main):
     """Run a script's main(). A UserError prints its message and exits with code 2, without a traceback;
     Ctrl-C or SIGTERM prints one line naming the last checkpoint and exits with 130."""
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with it ignored (`cmd &`)
     try:
         main()
     except UserError as e:
@@ -366,7 +367,7 @@ def load_dataset(name, data_dir, train=True):
         except Exception as e:  # no network, disk full, server down: all end the same way for the user
             if missing:
                 shutil.rmtree(missing, ignore_errors=True)
-            reason = " ".join(str(e).split())[:300]  # torchvision's message spans lines: keep one
+            reason = " ".join(str(e).split())  # torchvision's message spans lines: keep one
             raise UserError(f"{cls} is not in {os.path.abspath(data_dir)} and could not be downloaded "
                             f"({reason}); "
                             f"put {offline} at {layout} (see 'Running offline' in the README) "

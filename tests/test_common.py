@@ -419,8 +419,13 @@ def test_gather_chunks_in_one_process_orders_by_index():
     assert common.gather_chunks(chunks).ravel().tolist() == [0, 0, 1, 2]
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 130)])
-def test_interrupt_is_one_line_naming_the_last_checkpoint(tmp_path, sig, code):
+def ignore_sigint():  # what a shell does to a job started with `cmd &`
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig, code, before", [(signal.SIGINT, 130, None), (signal.SIGTERM, 130, None),
+                                               (signal.SIGINT, 130, ignore_sigint)])
+def test_interrupt_is_one_line_naming_the_last_checkpoint(tmp_path, sig, code, before):
     program = ("import sys, time, common\n"
                "def main():\n"
                "    common.save_checkpoint(sys.argv[1], {'script': 's', 'config': {'a': 1}})\n"
@@ -429,7 +434,7 @@ def test_interrupt_is_one_line_naming_the_last_checkpoint(tmp_path, sig, code):
                "common.run(main)\n")
     ckpt = str(tmp_path / "last.pt")
     proc = subprocess.Popen([sys.executable, "-c", program, ckpt], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=before)
     assert proc.stdout.readline().strip() == "saved"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=30)
