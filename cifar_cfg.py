@@ -209,7 +209,6 @@ def guided_velocity(model, x_t, t, y, w):
     return u_uncond + w * (u_cond - u_uncond)
 
 
-@torch.no_grad()
 def ode_solve(velocity, x, steps, solver="euler", on_step=None):
     """Integrate dx/dt = velocity(x, t) from t=0 (noise) to t=1 (data) on a uniform grid of steps+1 points.
     Euler: x += h u(x, t). Heun: the trapezoid of u(x, t) and u at the Euler guess (second order, 2 calls).
@@ -226,7 +225,8 @@ def ode_solve(velocity, x, steps, solver="euler", on_step=None):
     return x
 
 
-def generate(model, noise, y, *, cfg, steps, solver="euler", precision="fp32", on_step=None):
+@torch.no_grad()
+def generate(model, noise, y, cfg, steps, solver="euler", precision="fp32", on_step=None):
     """Samples of the classes y from noise (N, C, 32, 32), as images in [-1, 1] on the model's device.
     cfg: the guidance scale w, a number or one per sample."""
     device = next(model.parameters()).device
@@ -247,21 +247,6 @@ def load_data(dataset, data_dir):
     # every pixel stays exact (no resampling blur) and 32 divides by the U-Net's 8x down-sampling
     pad = (RES - images.shape[2]) // 2
     return F.pad(images, (pad, pad, pad, pad)), labels, list(images.shape[1:])
-
-
-def load_data_once(dataset, data_dir, rank, world):
-    """Under torchrun rank 0 reads (and downloads when missing) first, the others then read what it left;
-    its UserError is sent to every rank, so no rank waits for it forever."""
-    error = [None]
-    try:
-        data = load_data(dataset, data_dir) if rank == 0 else None
-    except common.UserError as e:
-        error[0] = str(e)
-    if world > 1:
-        dist.broadcast_object_list(error, src=0)
-    if error[0]:
-        raise common.UserError(error[0])
-    return data or load_data(dataset, data_dir)
 
 
 def crop(x, shape):
@@ -304,12 +289,13 @@ def write_figures(model, out, dataset, shape, classes, seed, sampling):
                      row_labels=names, col_labels=cols, title=f"{what}: the same noise at each guidance w")
 
 
-def save_samples(model, path, labels, shape, batch, seed, sampling):
-    """Samples of `labels` as uint8 at the data's size in an .npz (e.g. 50,000 for FID), split over torchrun
-    ranks: chunk i is made by rank i % world from noise seeded by (seed, i), so any number of processes writes
-    the same file; rank 0 gathers and writes it."""
+def save_samples(model, path, n, batch, classes, seed, sampling, shape):
+    """n samples, `classes` in turn, as uint8 at the data's size `shape` in an .npz (e.g. 50,000 for FID),
+    split over torchrun ranks: chunk i is made by rank i % world from noise seeded by (seed, i), so any number
+    of processes writes the same file; rank 0 gathers and writes it."""
     rank, world = common.rank_and_world()
-    progress = common.Progress(len(labels), prefix="sampling", enabled=rank == 0)
+    labels = torch.tensor(classes)[torch.arange(n) % len(classes)]
+    progress = common.Progress(n, prefix="sampling", enabled=rank == 0)
     starts = range(0, len(labels), batch)
     chunks = {}
     for i in range(rank, len(starts), world):
@@ -325,9 +311,9 @@ def save_samples(model, path, labels, shape, batch, seed, sampling):
 
 def write_samples(model, args, shape, dataset, sampling):
     """--save-samples: --num-samples samples, --classes in turn; then the command that scores them."""
-    classes = torch.tensor(args.classes or range(NULL))
-    labels = classes.repeat(args.num_samples // len(classes) + 1)[:args.num_samples]
-    save_samples(model, args.save_samples, labels, shape, args.batch_size, args.seed, sampling)
+    classes = args.classes or list(range(NULL))
+    save_samples(model, args.save_samples, args.num_samples, args.batch_size, classes, args.seed, sampling,
+                 shape)
     if common.rank_and_world()[0] == 0:
         print(f"wrote {args.num_samples} samples to {args.save_samples}; score them with: python evaluate.py "
               f"{args.save_samples} --dataset {dataset} --data-dir {args.data_dir}", flush=True)
@@ -387,7 +373,7 @@ def train(args):
     out = common.prepare_out(args.out)  # on every rank: each raises the same error, none waits for rank 0
     if rank == 0:
         common.lock_out(out)
-    images, labels, shape = load_data_once(args.dataset, args.data_dir, rank, world)
+    images, labels, shape = common.rank0_first(lambda: load_data(args.dataset, args.data_dir), rank, world)
     if len(images) < args.batch_size:
         raise common.UserError(f"{args.data_dir} holds {len(images)} {TITLES[args.dataset]} images, fewer "
                                f"than --batch-size {args.batch_size}")

@@ -289,6 +289,22 @@ def setup_ddp(device_name=None):
     return rank, world, device
 
 
+def rank0_first(load, rank, world):
+    """load() on rank 0 first (it may download or build a cache), then on the other ranks, which wait in
+    the broadcast: a UserError on rank 0 is raised on every rank, so none waits for it forever."""
+    error, result = [None], None
+    try:
+        if rank == 0:
+            result = load()
+    except UserError as e:
+        error[0] = str(e)
+    if world > 1:
+        dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise UserError(error[0])
+    return result if rank == 0 else load()
+
+
 def all_rng_states():
     """Every DDP rank's rng_state() as a list indexed by rank (call it on every rank), so a resumed torchrun
     job continues each rank's stream. Sent as torch.save bytes: all_gather_object can't pickle numpy's

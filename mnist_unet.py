@@ -247,7 +247,7 @@ def ode_solve(velocity, x, steps, solver="euler", on_step=None):
 
 
 @torch.no_grad()
-def generate(model, noise, y=None, cfg=CFG_W, steps=50, solver="euler", precision="fp32", on_step=None):
+def generate(model, noise, y, cfg, steps, solver="euler", precision="fp32", on_step=None):
     """Images in [-1, 1] from noise (N, 1, 28, 28), on the model's device; y: labels (None for fm)."""
     model.eval()
     device = next(model.parameters()).device

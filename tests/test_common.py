@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import common
-from helpers import REPO, make_cifar_root, make_fashion_root, make_mnist_root, shapes
+from helpers import REPO, make_cifar_root, make_fashion_root, make_mnist_root, run_script, shapes
 
 
 def test_to_uint8_inverts_the_model_scaling():
@@ -449,3 +449,52 @@ def test_output_file_in_the_runs_new_out_folder_is_left_to_prepare_out(tmp_path)
     assert not out.exists()  # nothing made before the run starts
     with pytest.raises(common.UserError, match="--save-samples"):  # any other missing folder is refused
         common.check_output_file(str(tmp_path / "elsewhere" / "s.npz"), "--save-samples", out=str(out))
+
+
+def test_rank0_first_in_one_process_returns_or_raises():
+    assert common.rank0_first(lambda: 42, 0, 1) == 42
+
+    def broken():
+        raise common.UserError("no data in ROOT; pass --data-dir")
+    with pytest.raises(common.UserError, match="no data in ROOT"):
+        common.rank0_first(broken, 0, 1)
+
+
+RANK0_FIRST = '''
+import os, sys, time
+sys.path.insert(0, {repo!r})
+import common
+rank, world, _ = common.setup_ddp("cpu")
+log = {log!r}
+
+def load():
+    if rank == 0:
+        time.sleep(1)  # rank 1 must wait for this, not race it
+        if {fail}:
+            raise common.UserError("rank 0 found no data")
+    with open(log, "a") as f:
+        f.write(f"{{rank}} {{time.time()}}\\n")
+    return rank
+def main():  # common.run ends the process group, as in the scripts
+    try:
+        print("loaded", common.rank0_first(load, rank, world), flush=True)
+    except common.UserError as e:
+        print("error on rank", rank, e, flush=True)
+common.run(main)
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail", [False, True])
+def test_rank0_first_under_torchrun_loads_rank0_first_and_sends_its_error(tmp_path, fail):
+    log = tmp_path / "order.txt"
+    script = tmp_path / "rank0_first.py"
+    script.write_text(RANK0_FIRST.format(repo=REPO, log=str(log), fail=fail))
+    r = run_script(str(script), torchrun=2, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if fail:  # both ranks get rank 0's error, neither hangs, nobody loads
+        assert r.stdout.count("error on rank") == 2 and "rank 0 found no data" in r.stdout
+        assert not log.exists()
+    else:
+        order = [line.split()[0] for line in log.read_text().splitlines()]
+        assert order == ["0", "1"] and "loaded 0" in r.stdout and "loaded 1" in r.stdout
