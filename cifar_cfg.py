@@ -291,19 +291,19 @@ def write_figures(model, out, dataset, shape, classes, seed, sampling):
 
 def save_samples(model, path, n, batch, classes, seed, sampling, shape):
     """n samples, `classes` in turn, as uint8 at the data's size `shape` in an .npz (e.g. 50,000 for FID),
-    split over torchrun ranks: chunk i is made by rank i % world from noise seeded by (seed, i), so any number
-    of processes writes the same file; rank 0 gathers and writes it."""
+    split over torchrun ranks: chunk i is made by rank i % world from noise seeded by seed + 2 + its first
+    index, so any number of processes writes the same file; rank 0 gathers and writes it."""
     rank, world = common.rank_and_world()
     labels = torch.tensor(classes)[torch.arange(n) % len(classes)]
     progress = common.Progress(n, prefix="sampling", enabled=rank == 0)
-    starts = range(0, len(labels), batch)
+    starts = range(0, n, batch)
     chunks = {}
     for i in range(rank, len(starts), world):
         y = labels[starts[i]:starts[i] + batch]
         noise = torch.randn(len(y), shape[0], RES, RES,
                             generator=torch.Generator().manual_seed(seed + 2 + starts[i]))
         chunks[i] = common.to_uint8(crop(generate(model, noise, y, **sampling), shape)).numpy()
-        progress.update(min(len(labels), (i + world) * batch), len(y) * world)
+        progress.update(min(n, (i + world) * batch), len(y) * world)
     pixels = common.gather_chunks(chunks)
     if rank == 0:
         common.save_samples_npz(path, torch.from_numpy(pixels) / 127.5 - 1, labels.numpy())
