@@ -14,8 +14,8 @@ CFG: v = v_uncond + w (v_cond - v_uncond) inside --cfg-interval. Images are in [
 
     python celeba_jit.py --dataset celeba --data-dir ~/data/img_align_celeba       # the blog: 256 px
     python celeba_jit.py --dataset celeba --data-dir ~/data/img_align_celeba --model B  # JiT-B/16
-    python celeba_jit.py --dataset fashion --model mnist --epochs 8 --batch-size 64 --warmup-epochs 0.5 \
-        --compile          # the CPU preset: 8 minutes on 2 cores; sample it with --cfg 2.5
+    python celeba_jit.py --dataset fashion --model mnist --epochs 8 --batch-size 64 --warmup-epochs 0.5 \\
+        --ema-warmup 22 --compile --cfg 2.5 --save-samples s.npz   # the CPU preset: 9 minutes on 2 cores
     python celeba_jit.py --dataset fashion --model mnist --patch 14 --stride 14 --pred v  # x/v/eps experiment
     torchrun --nproc_per_node=8 celeba_jit.py --dataset celeba --data-dir ...       # DDP
     python celeba_jit.py --sample runs/celeba_jit/last.pt --save-samples s.npz --num-samples 1000
@@ -56,8 +56,9 @@ FLIPPED = ("celeba", "folder", "cifar10")  # random horizontal flips as the offi
 SOLVER, CFG, CFG_INTERVAL = "heun", 3.0, (0.1, 1.0)  # the official sampler (JiT-B's w); the CLI's defaults
 # --resume must continue the same run: all but --epochs (and sampling, output and device flags) must agree
 TRAINING_KEYS = ("dataset", "model", "res", "patch", "stride", "pred", "noise_scale", "t_eps", "batch_size",
-                 "lr", "warmup_epochs", "grad_clip", "ema", "label_dropout", "t_mu", "t_sigma", "no_flip",
-                 "seed")
+                 "lr", "warmup_epochs", "grad_clip", "ema", "ema_warmup", "label_dropout", "t_mu", "t_sigma",
+                 "no_flip", "seed")
+NATIVE_RES = {"mnist": 28, "fashion": 28, "cifar10": 32}  # the datasets of one size; others default to 256
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 CELEBA_URL = ("https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html (img_align_celeba.zip; on Kaggle: "
               "jessicali9530/celeba-dataset)")
@@ -336,6 +337,26 @@ def load_model(path, device="cpu", ema=True):
 
 
 # ---------------------------------------------------------------------------------------- training
+def loss_settings(args, null):
+    """flow_matching_loss()'s settings from the command line."""
+    return dict(pred=args.pred, mu=effective_t_mu(args.t_mu, args.res), sigma=args.t_sigma,
+                noise_scale=args.noise_scale, t_eps=args.t_eps, label_dropout=args.label_dropout, null=null)
+
+
+def train_step(net, opt, scaler, x, y, loss_kwargs, grad_clip, precision):
+    """One AdamW step on the v-loss; net is the model opt updates, or its DDP or compiled wrapper."""
+    with common.autocast(x.device, precision):
+        loss = flow_matching_loss(net, x, y, **loss_kwargs)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
+
+
 def train(args, rank, world, device, precision, log):
     ckpt = common.load_checkpoint(args.resume, SCRIPT, vars(args), TRAINING_KEYS) if args.resume else None
     def lock_and_load():
@@ -350,11 +371,12 @@ def train(args, rank, world, device, precision, log):
     data, labels = to_device(images, device), None if labels is None else labels.to(device)
     sampling = sampling_settings(args, classes, precision, log)
     model = make_model(vars(args), info["channels"], len(classes)).to(device)
-    mu, null = effective_t_mu(args.t_mu, args.res), len(classes)
+    null = len(classes)
+    loss_kwargs = loss_settings(args, null)
     flip = args.dataset in FLIPPED and not args.no_flip
     log(f"JiT-{args.model}, {args.pred}-prediction: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
         f"parameters, {check_grid(args.res, args.patch, args.stride) ** 2} tokens, {len(images)} images; "
-        f"t-mu {mu:.3g} at {args.res} px; {'random horizontal flips' if flip else 'no flips'}")
+        f"t-mu {loss_kwargs['mu']:.3g} at {args.res} px; {'random horizontal flips' if flip else 'no flips'}")
     steps_per_epoch = len(images) // args.batch_size
     if device.type == "cpu" and args.model in GPU_PRESETS and rank == 0:
         estimate_on_cpu(model, args.batch_size, args.epochs * steps_per_epoch, log)
@@ -397,20 +419,11 @@ def train(args, rank, world, device, precision, log):
             if flip:
                 x = torch.where(torch.rand(local, 1, 1, 1, device=device) < 0.5, x.flip(3), x)
             y = torch.full((local,), null, device=device) if labels is None else labels[idx]
-            with common.autocast(device, precision):
-                loss = flow_matching_loss(net, x, y, args.pred, mu, args.t_sigma, args.noise_scale,
-                                          args.t_eps, args.label_dropout, null)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            if args.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scaler.step(opt)
-            scaler.update()
+            loss = train_step(net, opt, scaler, x, y, loss_kwargs, args.grad_clip, precision)
             sched.step()
             step += 1
-            ema_update(ema, model, min(args.ema, (1 + step) / (10 + step)))  # warmed up for short runs
-            pending.append(loss.detach())
+            ema_update(ema, model, min(args.ema, (1 + step) / (args.ema_warmup + step)))
+            pending.append(loss)
             if len(pending) == LOG_EVERY or i == steps_per_epoch - 1:  # averaged over the ranks
                 group = torch.stack(pending).float()
                 if world > 1:
@@ -449,6 +462,8 @@ def train(args, rank, world, device, precision, log):
                 tag = "samples" if last else f"samples_epoch{epoch + 1:03d}"
                 save_figures(ema, args.out, tag, classes, args.seed, sampling, title, gif=last)
     log(f"done: {args.out}/last.pt, samples.png, sampling.gif, loss.png, metrics.jsonl")
+    if args.save_samples:
+        write_samples(ema, args, classes, sampling, args.dataset, args.data_dir, log)
 
 
 def estimate_on_cpu(model, batch_size, total_steps, log):
@@ -525,13 +540,17 @@ def sample_only(args, device, precision, log):
         title = figure_title(config, sampling, config["epoch"])
         save_figures(model, args.out, "samples", classes, args.seed, sampling, title, gif=True)
     if args.save_samples:
-        path, n = args.save_samples, args.num_samples
-        save_samples(model, path, n, args.batch_size, classes, args.seed, sampling)
-        dataset, data_dir = config["dataset"], config["data_dir"]
-        if dataset == "celeba":  # evaluate.py scores CelebA as a folder of images (FID)
-            dataset, data_dir = "folder", find_celeba(data_dir)
-        log(f"wrote {n} samples to {path}; evaluate them with: python evaluate.py {path} "
-            f"--dataset {dataset} --data-dir {data_dir}")
+        write_samples(model, args, classes, sampling, config["dataset"], config["data_dir"], log)
+
+
+def write_samples(model, args, classes, sampling, dataset, data_dir, log):
+    """--save-samples: --num-samples samples by all ranks together; then the command that scores them."""
+    path, n = args.save_samples, args.num_samples
+    save_samples(model, path, n, args.batch_size, classes, args.seed, sampling)
+    if dataset == "celeba":  # evaluate.py scores CelebA as a folder of images (FID)
+        dataset, data_dir = "folder", find_celeba(data_dir)
+    log(f"wrote {n} samples to {path}; evaluate them with: python evaluate.py {path} "
+        f"--dataset {dataset} --data-dir {data_dir}")
 
 
 def save_samples(model, path, n, batch, classes, seed, sampling):
@@ -687,21 +706,14 @@ def benchmark(args, device, precision, log):
         sync()
         return (time.perf_counter() - start) / reps
 
-    def train_step(net):
-        with common.autocast(device, precision):
-            loss = flow_matching_loss(net, x, y, args.pred, effective_t_mu(args.t_mu, args.res), args.t_sigma,
-                                      args.noise_scale, args.t_eps, args.label_dropout, len(classes))
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    seconds(lambda: train_step(model), 1)  # warm-up
-    eager = args.batch_size / seconds(lambda: train_step(model), 10)
+    loss_kwargs = loss_settings(args, len(classes))
+    step = lambda net: train_step(net, opt, scaler, x, y, loss_kwargs, args.grad_clip, precision)
+    seconds(lambda: step(model), 1)  # warm-up
+    eager = args.batch_size / seconds(lambda: step(model), 10)
     log("compiling the network (torch.compile)...")
     compiled = torch.compile(model)
-    compile_s = seconds(lambda: train_step(compiled), 1)  # the first call compiles
-    fast = args.batch_size / seconds(lambda: train_step(compiled), 10)
+    compile_s = seconds(lambda: step(compiled), 1)  # the first call compiles
+    fast = args.batch_size / seconds(lambda: step(compiled), 10)
     sampling = sampling_settings(args, classes, precision, log)
     labels = y % len(classes) if classes else None
     sample = args.batch_size / seconds(lambda: generate(model, torch.randn_like(x), labels, **sampling), 1)
@@ -742,7 +754,11 @@ def parse_args(argv=None):
     add("--lr", type=float, help="AdamW learning rate, betas (0.9, 0.95), no decay (default: the preset's)")
     add("--warmup-epochs", type=float, default=5, help="linear learning-rate warm-up, as the official code")
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm, as the blog (0: off)")
-    add("--ema", type=float, default=0.9999, help="EMA decay of the weights used for sampling")
+    add("--ema", type=float, default=0.9999, help="EMA decay of the weights used for sampling (official)")
+    add("--ema-warmup", type=float, default=10, metavar="K",
+        help="the EMA decay at step s is min(--ema, (1 + s) / (K + s)); in a run of fewer than 10,000 K "
+             "steps this decides the EMA: it reaches back about the last 1/K of the steps (10: the usual "
+             "warm-up; the CPU preset's 22 measured better there, README)")
     add("--label-dropout", type=float, default=0.1, help="probability of the null label (for CFG)")
     add("--no-flip", action="store_true",
         help="no random horizontal flips (default: flips for celeba, folder and cifar10, as official)")
@@ -769,7 +785,8 @@ def parse_args(argv=None):
     add("--overwrite", action="store_true", help="start afresh in an --out that holds a checkpoint")
     add("--sample", metavar="CKPT", help="only sample from this checkpoint (EMA weights); no data needed")
     add("--save-samples", metavar="FILE.npz",
-        help="with --sample: also write --num-samples samples to this .npz (split over torchrun ranks)")
+        help="after training (or with --sample) write --num-samples samples to this .npz for evaluate.py "
+             "(split over torchrun ranks)")
     add("--num-samples", type=int, default=1000, help="number of samples for --save-samples")
     add("--benchmark", action="store_true",
         help="print training img/s (eager and compiled), sampling img/s and MFU on random data, then exit")
@@ -780,37 +797,37 @@ def parse_args(argv=None):
              "fp32 on a CPU; weights and checkpoints stay fp32")
     add("--device", help="cpu, cuda, cuda:1, mps (default: the best available)")
     add("--seed", type=int, default=0, help="random seed, also of the fixed sample noise")
+    first = p.parse_args(argv)  # --model and --dataset decide the defaults of five flags
+    native = NATIVE_RES.get(first.dataset)
+    preset = PRESETS[first.model]
+    # at 28 px on Fashion-MNIST, 3 epochs: FD 14.1 at t-mu 0, 19.9 at the paper's -0.8, 113.7 at its +1.41
+    p.set_defaults(patch=preset["patch"], stride=preset["stride"], lr=LR[first.model], res=native or 256,
+                   t_mu=0.0 if native else -0.8)
     return p.parse_args(argv)
 
 
 def validate(args):
-    """Fill the preset's values and refuse impossible settings before anything is written."""
+    """Refuse impossible settings before anything is written; args is read-only from here on."""
     common.check_finite(args)
     common.check_seed(args)
     common.check_range(args, "num_samples", 1, 1_000_000)
-    preset = PRESETS[args.model]
-    args.patch = preset["patch"] if args.patch is None else args.patch  # `is None`: a 0 must reach the check
-    args.stride = preset["stride"] if args.stride is None else args.stride
-    args.lr = LR[args.model] if args.lr is None else args.lr
-    native = {"mnist": 28, "fashion": 28, "cifar10": 32}.get(args.dataset)
-    if native and args.res not in (None, native):
+    native = NATIVE_RES.get(args.dataset)
+    if native and args.res != native:
         raise common.UserError(f"{args.dataset} images are {native} px; drop --res or pass --res {native}")
-    args.res = (native or 256) if args.res is None else args.res
-    # at 28 px on Fashion-MNIST, 3 epochs: FD 14.1 at mu 0, 19.9 at the paper's -0.8, 113.7 at its shift +1.41
-    args.t_mu = (0.0 if native else -0.8) if args.t_mu is None else args.t_mu
     common.check_positive(args, "res", "patch", "stride", "epochs", "batch_size", "lr", "steps",
                           "sample_every", "noise_scale", "t_sigma", "t_eps", "peak_tflops")
     common.check_range(args, "res", 1, 4096)
     common.check_range(args, "steps", 1, 10_000)
-    if not 0 <= args.label_dropout < 1 or not 0 < args.ema < 1 or not args.t_eps < 1:
-        raise common.UserError("need 0 <= --label-dropout < 1, 0 < --ema < 1 and --t-eps < 1")
+    if not 0 <= args.label_dropout < 1 or not 0 < args.ema < 1 or not args.t_eps < 1 or args.ema_warmup < 1:
+        raise common.UserError("need 0 <= --label-dropout < 1, 0 < --ema < 1, --ema-warmup >= 1 and "
+                               "--t-eps < 1")
     if args.warmup_epochs < 0 or args.grad_clip < 0 or (args.cfg or 0) < 0:
         raise common.UserError("--warmup-epochs, --grad-clip and --cfg can't be negative")
     if not 0 <= args.cfg_interval[0] < args.cfg_interval[1] <= 1:
         raise common.UserError(f"--cfg-interval {args.cfg_interval[0]} {args.cfg_interval[1]} must satisfy "
                                f"0 <= LO < HI <= 1")
-    if args.save_samples and not (args.sample and args.save_samples.endswith(".npz")):
-        raise common.UserError("--save-samples FILE.npz needs --sample CKPT and a file name ending in .npz")
+    if args.save_samples and not args.save_samples.endswith(".npz"):
+        raise common.UserError(f"--save-samples {args.save_samples}: pass a file name ending in .npz")
     if args.save_samples:
         common.check_output_file(args.save_samples, "--save-samples", out=args.out)
     if args.no_flip and args.dataset not in FLIPPED:

@@ -240,6 +240,16 @@ def test_learns_class_shapes():
     assert mse < 0.5 * baseline, (mse, baseline)
 
 
+@pytest.mark.parametrize("warmup", [10, 22])
+def test_ema_decay_is_the_warm_up_then_the_fixed_decay(tmp_path, monkeypatch, warmup):
+    """decay(s) = min(--ema, (1 + s) / (K + s)): the warm-up K rules a short run, --ema caps a long one."""
+    decays, update = [], jit.ema_update
+    monkeypatch.setattr(jit, "ema_update", lambda ema, model, d: decays.append(d) or update(ema, model, d))
+    mnist_run(tmp_path, "--ema-warmup", warmup, "--ema", 0.3, "--epochs", 2)  # 2 steps per epoch
+    assert decays == [min(0.3, (1 + s) / (warmup + s)) for s in range(1, 5)]
+    assert decays[0] == 2 / (warmup + 1) and decays[-1] == (0.3 if warmup == 10 else 5 / 26)
+
+
 def test_label_dropout_lives_in_the_loss():
     seen = []
     model = lambda z, t, y: seen.append(y.clone()) or torch.zeros_like(z)
@@ -389,12 +399,17 @@ def test_sample_takes_the_architecture_and_noise_from_the_checkpoint(tmp_path, m
 def test_fashion_classes_and_horizontal_flips(tmp_path, monkeypatch, dataset, extra, flipped):
     root = (make_fashion_root if dataset == "fashion" else make_cifar_root)(tmp_path / "data", n=40)
     batches, loss = [], jit.flow_matching_loss
-    spy = lambda model, x, *a: batches.append(x) or loss(model, x, *a)
+    spy = lambda model, x, *a, **k: batches.append(x) or loss(model, x, *a, **k)
     monkeypatch.setattr(jit, "flow_matching_loss", spy)
-    run_main("--dataset", dataset, "--data-dir", root, "--batch-size", 20, "--epochs", 2,
-             "--out", tmp_path / "o", "--sample-every", 9, *TINY, "--stride", 4, *extra)
+    run_main("--dataset", dataset, "--data-dir", root, "--batch-size", 20, "--epochs", 2, "--steps", 2,
+             "--out", tmp_path / "o", "--sample-every", 9, *TINY, "--stride", 4, *extra,
+             "--save-samples", tmp_path / "s.npz", "--num-samples", 12)
     classes = torch.load(tmp_path / "o" / "last.pt", weights_only=True)["data"]["classes"]
     assert classes == common.CLASS_NAMES[dataset]
+    samples = np.load(tmp_path / "s.npz")  # written after training, classes in turn
+    channels, res = (1, 28) if dataset == "fashion" else (3, 32)
+    assert samples["images"].shape == (12, channels, res, res) and samples["images"].dtype == np.uint8
+    assert samples["labels"].tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
     real = common.load_dataset(dataset, root)[0].float() / 127.5 - 1
     seen = torch.cat(batches)
     mirrored = [any(torch.equal(x, r.flip(2)) and not torch.equal(x, r) for r in real) for x in seen]
@@ -547,7 +562,7 @@ def test_help_shows_every_default_once_and_the_presets(capsys, monkeypatch):
     (["--t-eps", "1"], "--t-eps < 1"),
     (["--ema", "1"], "0 < --ema < 1"),
     (["--cfg", "-1"], "can't be negative"),
-    (["--save-samples", "x.npz"], "--save-samples FILE.npz needs --sample"),
+    (["--save-samples", "x.txt"], "--save-samples x.txt: pass a file name ending in .npz"),
     (["--resume", "a.pt", "--sample", "b.pt"], "not both"),
     (["--dataset", "mnist", "--no-flip"], "mnist images are never flipped"),
     (["--res", "17", "--dataset", "folder", "--patch", "4", "--stride", "3"], "use --res 16 or 19"),
@@ -627,7 +642,7 @@ def test_a_non_finite_loss_stops_before_the_checkpoint(tmp_path, monkeypatch, ca
     ckpt = mnist_run(tmp_path)
     before = ckpt.read_bytes()
     loss = jit.flow_matching_loss
-    monkeypatch.setattr(jit, "flow_matching_loss", lambda *a: loss(*a) * float("nan"))
+    monkeypatch.setattr(jit, "flow_matching_loss", lambda *a, **k: loss(*a, **k) * float("nan"))
     message = refusal(capsys, "--dataset", "mnist", "--data-dir", tmp_path / "mnist", "--batch-size", 16,
                       "--epochs", 2, "--out", tmp_path / "run", *TINY, "--resume", ckpt)
     assert "the loss became nan by step 4 (epoch 2)" in message and "--lr" in message
