@@ -80,9 +80,8 @@ def x0_from_eps(x_t, eps, abar_t):
 
 
 def dynamic_threshold(x0, ratio=0.95, max_value=1.5):
-    """Imagen's dynamic thresholding, as IF's scheduler config has it: s = the 0.95 quantile of |x0| per
-    image, clamped to [1, 1.5]; x0 <- clamp(x0, -s, s) / s. Keeps strong CFG from pushing x0 out of
-    [-1, 1]."""
+    """Imagen's dynamic thresholding, as in IF's scheduler config: s = the 0.95 quantile of |x0| per image,
+    clamped to [1, 1.5]; x0 <- clamp(x0, -s, s) / s. Keeps strong CFG from pushing x0 out of [-1, 1]."""
     s = torch.quantile(x0.flatten(1).abs().float(), ratio, dim=1).clamp(1, max_value).to(x0.dtype)
     s = s[:, None, None, None]
     return x0.clamp(-s, s) / s
@@ -347,9 +346,8 @@ def task_onestep(c):
 
 
 def iterative_panels(c):
-    """The panels of iterative.png in the order the denoising runs: x_t at every 5th step from t = 690
-    (noisiest first) and the clean result; then one-step denoising and a blur of the same start, and the
-    original."""
+    """The panels of iterative.png in the order the denoising runs: x_t every 5th step from t = 690 (noisiest
+    first), the clean result, then one-step denoising and a blur of the same start, and the original."""
     i = start_index(c.ts, ITERATIVE_T)
     g = c.gen()
     x_t = add_noise(c.image, c.abar[c.ts[i]], randn(c.image, g))
@@ -455,8 +453,15 @@ def to_tensor(img):
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).float() / 127.5 - 1
 
 
+def drawing(paint, *variant):
+    """paint(ImageDraw, *variant) on a 256 px canvas, shrunk to 64 px (smooth edges), a tensor in [-1, 1]."""
+    img = Image.new("RGB", (256, 256))
+    paint(ImageDraw.Draw(img), *variant)
+    return to_tensor(img.resize((SIZE, SIZE), Image.LANCZOS))
+
+
 def draw_builtin():
-    """The exact backend's built-in set: 5 prompts x 3 variants drawn with PIL at 256 px, resized to 64."""
+    """The exact backend's built-in set: 5 prompts, each a PIL drawing in 3 variants k."""
     def rocket(d, k):
         cx = [128, 90, 166][k]
         d.rectangle([0, 0, 256, 256], fill=[(10, 15, 60), (45, 10, 60), (5, 45, 70)][k])
@@ -504,38 +509,33 @@ def draw_builtin():
         d.rectangle([cx - 14, 140, cx + 14, 215], fill=(110, 60, 20))
         d.ellipse([cx - 75, 30, cx + 75, 165], fill=[(30, 130, 40), (200, 120, 20), (60, 170, 60)][k])
 
-    sets = {"a rocket ship": rocket, "a smiley face": smiley, "a house": house,
-            "a sunset over the sea": sunset, "a tree": tree}
-    images = []
-    names = []
-    for name, draw in sets.items():
-        for k in range(3):
-            img = Image.new("RGB", (256, 256))
-            draw(ImageDraw.Draw(img), k)
-            images.append(to_tensor(img.resize((SIZE, SIZE), Image.LANCZOS)))
-            names.append(name)
+    painters = {"a rocket ship": rocket, "a smiley face": smiley, "a house": house,
+                "a sunset over the sea": sunset, "a tree": tree}
+    images = [drawing(paint, k) for paint in painters.values() for k in range(3)]
+    names = [name for name in painters for _ in range(3)]
     return torch.stack(images), names
 
 
 def builtin_photos():
     """The default --image: two pictures NOT in the built-in set, the course's campanile and a drawing."""
-    tower = Image.new("RGB", (256, 256), (120, 180, 240))
-    d = ImageDraw.Draw(tower)
-    d.rectangle([0, 215, 256, 256], fill=(40, 110, 40))
-    d.rectangle([105, 70, 151, 235], fill=(215, 205, 185))
-    d.rectangle([117, 85, 139, 115], fill=(60, 60, 70))
-    d.polygon([(100, 72), (156, 72), (128, 15)], fill=(90, 110, 100))
-    for x in range(0, 256, 45):
-        d.ellipse([x - 30, 190, x + 30, 240], fill=(30, 120, 45))
-    sketch = Image.new("RGB", (256, 256), "white")
-    d = ImageDraw.Draw(sketch)
-    d.line([(50, 125), (128, 55), (206, 125), (50, 125)], fill="black", width=6)
-    d.rectangle([65, 125, 191, 205], outline="black", width=6)
-    d.rectangle([112, 150, 142, 205], outline="black", width=5)
-    d.ellipse([180, 20, 235, 75], outline=(230, 150, 0), width=6)
-    d.line([0, 205, 256, 205], fill=(0, 130, 0), width=5)
-    photos = [to_tensor(im.resize((SIZE, SIZE), Image.LANCZOS)) for im in (tower, sketch)]
-    return photos, ["tower (built-in)", "sketch (built-in)"]
+    def tower(d):
+        d.rectangle([0, 0, 256, 256], fill=(120, 180, 240))
+        d.rectangle([0, 215, 256, 256], fill=(40, 110, 40))
+        d.rectangle([105, 70, 151, 235], fill=(215, 205, 185))
+        d.rectangle([117, 85, 139, 115], fill=(60, 60, 70))
+        d.polygon([(100, 72), (156, 72), (128, 15)], fill=(90, 110, 100))
+        for x in range(0, 256, 45):
+            d.ellipse([x - 30, 190, x + 30, 240], fill=(30, 120, 45))
+
+    def sketch(d):
+        d.rectangle([0, 0, 256, 256], fill="white")
+        d.line([(50, 125), (128, 55), (206, 125), (50, 125)], fill="black", width=6)
+        d.rectangle([65, 125, 191, 205], outline="black", width=6)
+        d.rectangle([112, 150, 142, 205], outline="black", width=5)
+        d.ellipse([180, 20, 235, 75], outline=(230, 150, 0), width=6)
+        d.line([0, 205, 256, 205], fill=(0, 130, 0), width=5)
+
+    return [drawing(tower), drawing(sketch)], ["tower (built-in)", "sketch (built-in)"]
 
 
 def open_image(path, what, mode="RGB"):
@@ -659,8 +659,7 @@ def encode_prompts(prompts, model_id, device, dtype, cpu_offload=False):
     with torch.no_grad():
         out = encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
     del encoder
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    torch.cuda.empty_cache()  # the encoder's GPU memory, back before the UNet loads (no-op without CUDA)
     return {p: out[i:i + 1].half().cpu() for i, p in enumerate(prompts)}
 
 
@@ -806,10 +805,8 @@ def main(argv=None):
     if args.cpu_offload and not offload_ok:
         raise UserError("--cpu-offload needs --backend deepfloyd, a CUDA GPU and accelerate "
                         "(pip install accelerate); drop it otherwise")
-    precision = "fp32"
-    if backend == "deepfloyd":
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        precision = choose_precision(args.precision, device.type, capability)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    precision = "fp32" if backend == "exact" else choose_precision(args.precision, device.type, capability)
     images, image_names, mask = load_inputs(args.image, args.mask)
     abar = alphas_cumprod()
     if backend == "exact":
@@ -820,8 +817,8 @@ def main(argv=None):
         defaults = dict(prompt="", cfg=1.0, edit_prompt=names[0], anagram=pair, hybrid=pair)
     else:
         defaults = DEEPFLOYD_DEFAULTS
-    chosen = {key: getattr(args, key) for key in defaults if getattr(args, key) is not None}
-    chosen = {**defaults, **chosen}
+    given = {key: getattr(args, key) for key in defaults if getattr(args, key) is not None}
+    chosen = {**defaults, **given}
     prompts = ["", chosen["prompt"], chosen["edit_prompt"], *chosen["anagram"], *chosen["hybrid"]]
     if backend == "exact":
         model.check(prompts)
