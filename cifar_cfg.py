@@ -137,7 +137,7 @@ class UNet(nn.Module):
         self.decoder = nn.ModuleList()
         for i, c in enumerate(reversed(channels)):  # 4x4 -> 8 (attention) -> 16 -> 32; a skip per ResBlock
             res = []
-            for j in range(3):
+            for _ in range(3):
                 res.append(ResBlock(c_prev + skips.pop(), c, emb_dim))
                 c_prev = c
             attn = [SelfAttention(c) for _ in range(3)] if i == 1 else []
@@ -261,8 +261,8 @@ def write_figures(model, out, dataset, shape, classes, seed, sampling):
     sampling.gif: x_t along the ODE for the class grid, from the noise to the samples."""
     classes = torch.tensor(classes)
     names = [common.CLASS_NAMES[dataset][c] for c in classes]
-    what = f"{TITLES[dataset]}, {sampling['steps']} {sampling['solver']} steps"
     steps = sampling["steps"]
+    what = f"{TITLES[dataset]}, {steps} {sampling['solver']} steps"
     progress = common.Progress(2 * steps, prefix="figures: ODE step")
     done = itertools.count(1)
     noise = torch.randn(10 * len(classes), shape[0], RES, RES, generator=torch.Generator().manual_seed(seed))
@@ -311,9 +311,8 @@ def save_samples(model, path, n, batch, classes, seed, sampling, shape):
 
 def write_samples(model, args, shape, dataset, sampling):
     """--save-samples: --num-samples samples, --classes in turn; then the command that scores them."""
-    classes = args.classes or list(range(NULL))
-    save_samples(model, args.save_samples, args.num_samples, args.batch_size, classes, args.seed, sampling,
-                 shape)
+    save_samples(model, args.save_samples, args.num_samples, args.batch_size, args.classes or range(NULL),
+                 args.seed, sampling, shape)
     if common.rank_and_world()[0] == 0:
         print(f"wrote {args.num_samples} samples to {args.save_samples}; score them with: python evaluate.py "
               f"{args.save_samples} --dataset {dataset} --data-dir {args.data_dir}", flush=True)
@@ -357,23 +356,22 @@ def estimate_cpu_time(net, x, y, label_dropout, grad_clip, precision, total_step
           f"images). A CPU run of about 13 minutes on 2 cores: {CPU_RUN}", flush=True)
 
 
-def train(args):
-    rank, world, device = common.setup_ddp(args.device)
+def train(args, rank, world, device, precision, sampling):
     if args.batch_size % world:
         raise common.UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over "
                                f"{world} processes")
-    precision = common.precision_for(args.precision, device, print if rank == 0 else lambda line: None)
-    ckpt = None
-    if args.resume:
-        ckpt = common.load_checkpoint(args.resume, SCRIPT, vars(args), must_match=TRAINING_KEYS)
-        if args.epochs <= ckpt["epoch"]:
-            raise common.UserError(f"{args.resume} has trained {ckpt['epoch']} epochs already, so --epochs "
-                                   f"{args.epochs} leaves nothing to do; pass a larger --epochs")
+    ckpt = common.load_checkpoint(args.resume, SCRIPT, vars(args), TRAINING_KEYS) if args.resume else None
+    if ckpt and args.epochs <= ckpt["epoch"]:
+        raise common.UserError(f"{args.resume} has trained {ckpt['epoch']} epochs already, so --epochs "
+                               f"{args.epochs} leaves nothing to do; pass a larger --epochs")
     common.check_fresh_run(os.path.join(args.out, "last.pt"), args.resume, args.overwrite, SCRIPT)
     out = common.prepare_out(args.out)  # on every rank: each raises the same error, none waits for rank 0
-    if rank == 0:
-        common.lock_out(out)
-    images, labels, shape = common.rank0_first(lambda: load_data(args.dataset, args.data_dir), rank, world)
+
+    def lock_and_load():  # the lock inside rank0_first: if another run holds it, every rank gets the error
+        if rank == 0:
+            common.lock_out(out)
+        return load_data(args.dataset, args.data_dir)
+    images, labels, shape = common.rank0_first(lock_and_load, rank, world)
     if len(images) < args.batch_size:
         raise common.UserError(f"{args.data_dir} holds {len(images)} {TITLES[args.dataset]} images, fewer "
                                f"than --batch-size {args.batch_size}")
@@ -384,6 +382,8 @@ def train(args):
     cuda = device.type == "cuda"
     layout = torch.channels_last if cuda else torch.contiguous_format
     net = UNet(args.channels, shape[0]).to(device, memory_format=layout)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net  # sends rank 0's weights
+    ema = copy.deepcopy(net).requires_grad_(False)  # after DDP's broadcast: all EMAs = rank 0's
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, fused=cuda)
 
     def warmup(s):  # linear warm-up: the LR factor of step s
@@ -391,22 +391,18 @@ def train(args):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup)
     scaler = common.grad_scaler(device, precision)
     start_epoch, step, losses = 0, 0, []
-    if ckpt:
+    if ckpt:  # the same checkpoint on every rank: the weights stay equal after DDP's broadcast
         net.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"]:  # empty when written by a run without fp16
             scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, losses = ckpt["epoch"], ckpt["step"], ckpt["losses"]
-    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net  # sends rank 0's weights
-    ema = copy.deepcopy(net).requires_grad_(False)  # after DDP's broadcast: all EMAs = rank 0's
-    if ckpt:
-        ema.load_state_dict(ckpt["ema"])
         common.set_rank_rng_state(ckpt["rng"], args.seed + 1000 * start_epoch)
     model = torch.compile(model) if args.compile else model
     sample_net = net if args.raw_weights else ema
     sampler = torch.compile(sample_net) if args.compile else sample_net
-    sampling = dict(cfg=args.cfg, steps=args.steps, solver=args.solver, precision=precision)
 
     steps_per_epoch = len(images) // args.batch_size  # no last partial batch: every step sees a full batch
     local = args.batch_size // world
@@ -416,7 +412,6 @@ def train(args):
     metrics = common.Metrics(os.path.join(out, "metrics.jsonl"), fresh=not args.resume) if rank == 0 else None
     progress = common.Progress(args.epochs * steps_per_epoch, step, enabled=rank == 0)
     for epoch in range(start_epoch, args.epochs):
-        net.train()
         started = time.time()
         epoch_losses = []  # kept on the device: no sync per step
         perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(args.seed + epoch))
@@ -482,14 +477,11 @@ def load_model(path, device="cpu", ema=True):
     return model.eval(), config
 
 
-def sample(args):
+def sample(args, rank, device, sampling):
     """--sample: --save-samples (split over torchrun ranks), then the figures (rank 0), from a checkpoint."""
-    rank, _, device = common.setup_ddp(args.device)
-    precision = common.precision_for(args.precision, device, print if rank == 0 else lambda line: None)
     model, config = load_model(args.sample, device, ema=not args.raw_weights)
     out = common.prepare_out(args.out)
     sampler = torch.compile(model) if args.compile else model
-    sampling = dict(cfg=args.cfg, steps=args.steps, solver=args.solver, precision=precision)
     if args.save_samples:
         write_samples(sampler, args, config["image_shape"], config["dataset"], sampling)
     if rank == 0:
@@ -522,15 +514,9 @@ def benchmark(args, device, rounds=10):
         opt = torch.optim.AdamW(m.parameters(), lr=args.lr, fused=cuda)
         scaler = common.grad_scaler(device, precision)
         fast = torch.compile(m) if name == compiled else m
-
-        def step():
-            train_step(fast, opt, scaler, x, y, args.label_dropout, args.grad_clip, precision)
-
-        def solve():
-            generate(fast, x, y, cfg=args.cfg, steps=1, solver=args.solver, precision=precision)
-        return step, solve
-    runs = {name: prepare(name, m) for name, m in models.items()}
-    times = {name: ([], []) for name in runs}
+        return (lambda: train_step(fast, opt, scaler, x, y, args.label_dropout, args.grad_clip, precision),
+                lambda: generate(fast, x, y, cfg=args.cfg, steps=1, solver=args.solver, precision=precision))
+    runs = {name: prepare(name, m) for name, m in models.items()}  # name: (a training step, a sampling step)
 
     def timed(fn):
         if cuda:
@@ -541,21 +527,19 @@ def benchmark(args, device, rounds=10):
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    times = {name: ([], []) for name in runs}  # name: (seconds of each training step, of each sampling step)
     for r in range(rounds + 1):  # round 0 warms up (allocator, compile); then the models take turns first
         names = list(runs)[r % len(runs):] + list(runs)[:r % len(runs)]
         for name in names:
-            t_train = timed(runs[name][0])
-            t_sample = timed(runs[name][1])
-            if r:
-                times[name][0].append(t_train)
-                times[name][1].append(t_sample)
+            for fn, seconds in zip(runs[name], times[name]):
+                seconds.append(timed(fn))
     print(f"device {device}, {precision}, batch {B}, best of {rounds} steps; "
           f"sampling = {args.steps} {args.solver} steps with CFG")
     print(f"{'model':24s} {'params':>12s} {'train img/s':>12s} {'sample img/s':>13s}")
     speed = {}
     for name, (train_t, sample_t) in times.items():
         n_params = sum(p.numel() for p in models[name].parameters())
-        speed[name] = (B / min(train_t), B / (min(sample_t) * args.steps))
+        speed[name] = (B / min(train_t[1:]), B / (min(sample_t[1:]) * args.steps))  # not round 0
         print(f"{name:24s} {n_params:12,d} {speed[name][0]:12.3g} {speed[name][1]:13.3g}")
     for label, a, b in (("ours / diffusers", ours, theirs), ("compiled / eager", compiled, ours)):
         if a in speed and b in speed:
@@ -566,49 +550,48 @@ def benchmark(args, device, rounds=10):
 # --------------------------------------------------------------------------------------------- CLI
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    p.add_argument("--dataset", choices=["cifar10", "mnist", "fashion"], default="cifar10",
-                   help="training data; 28 px MNIST and Fashion-MNIST are padded to 32 px")
-    p.add_argument("--data-dir", default="data",
-                   help="holds cifar-10-batches-py/, MNIST/raw/ or FashionMNIST/raw/ (downloaded if online)")
-    p.add_argument("--out", default=os.path.join("runs", SCRIPT),
-                   help="output: last.pt, metrics.jsonl, loss.png, classes.png, guidance.png, sampling.gif")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start a fresh run in an --out that already holds a checkpoint (replacing it)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N or mps; the best available if not given")
-    p.add_argument("--precision", choices=common.PRECISIONS, default="auto",
-                   help="auto: bf16 on GPUs that have it, fp16 with a grad scaler on older ones, fp32 on CPU")
-    p.add_argument("--seed", type=int, default=0,
-                   help="random seed; rank r of a torchrun job uses seed + r")
-    p.add_argument("--epochs", type=int, default=50, help="training epochs")
-    p.add_argument("--batch-size", type=int, default=128,
-                   help="global batch, split over torchrun processes; also the sampling batch")
-    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
-    p.add_argument("--warmup", type=int, default=1000, help="linear LR warm-up steps (0: none)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
-    p.add_argument("--label-dropout", type=float, default=0.1, help="probability of dropping a label to null")
-    p.add_argument("--ema-decay", type=float, default=0.9995,
-                   help="EMA decay per step; 0.9995 averages over ~2,000 steps, 5 of the recipe's 50 epochs")
-    p.add_argument("--no-flip", action="store_true",
-                   help="no random horizontal flips of CIFAR-10 (digits and clothes are never flipped)")
-    p.add_argument("--channels", type=int, nargs=4, default=list(WRITEUP_CHANNELS), metavar="C",
-                   help="U-Net width at the four resolutions, multiples of 32 (GroupNorm has 32 groups)")
-    p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver for sampling")
-    p.add_argument("--steps", type=int, default=49, help="ODE steps; 49: the write-up's linspace(0, 1, 50)")
-    p.add_argument("--cfg", type=float, default=2.0, help="guidance scale w (0: uncond., 1: cond.)")
-    p.add_argument("--classes", type=int, nargs="+", default=None, metavar="K",
-                   help="classes (0-9) to sample; all ten when not given")
-    p.add_argument("--raw-weights", action="store_true", help="sample with the raw weights, not the EMA")
-    p.add_argument("--save-samples", default=None, metavar="FILE.npz",
-                   help="after training (or with --sample) write --num-samples samples here, classes in turn")
-    p.add_argument("--num-samples", type=int, default=50000, help="how many samples --save-samples writes")
-    p.add_argument("--sample", default=None, metavar="CKPT",
-                   help="no training: write the figures (and --save-samples) of this checkpoint")
-    p.add_argument("--resume", default=None, metavar="CKPT",
-                   help="continue training from this checkpoint (everything restored); --epochs may grow")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network (training and sampling)")
-    p.add_argument("--benchmark", action="store_true",
-                   help="no training: print training and sampling img/s of ours and diffusers' UNet2DModel "
-                        "(with --compile: also ours compiled)")
+    add = p.add_argument
+    add("--dataset", choices=["cifar10", "mnist", "fashion"], default="cifar10",
+        help="training data; 28 px MNIST and Fashion-MNIST are padded to 32 px")
+    add("--data-dir", default="data",
+        help="holds cifar-10-batches-py/, MNIST/raw/ or FashionMNIST/raw/ (downloaded if online)")
+    add("--out", default=os.path.join("runs", SCRIPT),
+        help="output: last.pt, metrics.jsonl, loss.png, classes.png, guidance.png, sampling.gif")
+    add("--overwrite", action="store_true",
+        help="start a fresh run in an --out that already holds a checkpoint (replacing it)")
+    add("--device", help="cpu, cuda, cuda:N or mps; the best available if not given")
+    add("--precision", choices=common.PRECISIONS, default="auto",
+        help="auto: bf16 on GPUs that have it, fp16 with a grad scaler on older ones, fp32 on CPU")
+    add("--seed", type=int, default=0, help="random seed; rank r of a torchrun job uses seed + r")
+    add("--epochs", type=int, default=50, help="training epochs")
+    add("--batch-size", type=int, default=128,
+        help="global batch, split over torchrun processes; also the sampling batch")
+    add("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    add("--warmup", type=int, default=1000, help="linear LR warm-up steps (0: none)")
+    add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    add("--label-dropout", type=float, default=0.1, help="probability of dropping a label to null")
+    add("--ema-decay", type=float, default=0.9995,
+        help="EMA decay per step; 0.9995 averages over ~2,000 steps, 5 of the recipe's 50 epochs")
+    add("--no-flip", action="store_true",
+        help="no random horizontal flips of CIFAR-10 (digits and clothes are never flipped)")
+    add("--channels", type=int, nargs=4, default=list(WRITEUP_CHANNELS), metavar="C",
+        help="U-Net width at the four resolutions, multiples of 32 (GroupNorm has 32 groups)")
+    add("--solver", choices=["euler", "heun"], default="euler", help="ODE solver for sampling")
+    add("--steps", type=int, default=49, help="ODE steps; 49: the write-up's linspace(0, 1, 50)")
+    add("--cfg", type=float, default=2.0, help="guidance scale w (0: uncond., 1: cond.)")
+    add("--classes", type=int, nargs="+", metavar="K", help="classes (0-9) to sample; all ten when not given")
+    add("--raw-weights", action="store_true", help="sample with the raw weights, not the EMA")
+    add("--save-samples", metavar="FILE.npz",
+        help="after training (or with --sample) write --num-samples samples here, classes in turn")
+    add("--num-samples", type=int, default=50000, help="how many samples --save-samples writes")
+    add("--sample", metavar="CKPT",
+        help="no training: write the figures (and --save-samples) of this checkpoint")
+    add("--resume", metavar="CKPT",
+        help="continue training from this checkpoint (everything restored); --epochs may grow")
+    add("--compile", action="store_true", help="torch.compile the network (training and sampling)")
+    add("--benchmark", action="store_true",
+        help="no training: print training and sampling img/s of ours and diffusers' UNet2DModel "
+             "(with --compile: also ours compiled)")
     return p.parse_args(argv)
 
 
@@ -644,9 +627,12 @@ def main(argv=None):
     args = validate(parse_args(argv))
     if args.benchmark:
         return benchmark(args, common.get_device(args.device))
+    rank, world, device = common.setup_ddp(args.device)
+    precision = common.precision_for(args.precision, device, print if rank == 0 else lambda line: None)
+    sampling = dict(cfg=args.cfg, steps=args.steps, solver=args.solver, precision=precision)
     if args.sample:
-        return sample(args)
-    return train(args)
+        return sample(args, rank, device, sampling)
+    return train(args, rank, world, device, precision, sampling)
 
 
 if __name__ == "__main__":

@@ -441,6 +441,14 @@ def test_torchrun_errors_reach_every_rank(trained, tmp_path):
     r = run_script("cifar_cfg.py", "--data-dir", blocker, "--out", tmp_path / "run", "--epochs", "1", *TINY,
                    torchrun=2)  # rank 0 fails to read: the others get its sentence instead of waiting
     assert r.returncode != 0 and r.stderr.count("CIFAR10 is not in") == 2, r.stderr[-3000:]
+    (tmp_path / "locked").mkdir()
+    common.lock_out(str(tmp_path / "locked"))  # another training run holds this --out
+    try:  # rank 0 can't take the lock: the others get its sentence, not a broken connection
+        r = run_script("cifar_cfg.py", "--data-dir", root / "data", "--out", tmp_path / "locked", "--epochs", "1",
+                       *TINY, torchrun=2)
+    finally:
+        common.LOCKS.pop().close()
+    assert r.returncode != 0 and r.stderr.count("in use by another training run") == 2, r.stderr[-3000:]
 
 
 def test_interrupt_exits_130_in_one_line_and_leaves_no_temp(trained, tmp_path):
@@ -498,18 +506,18 @@ def bad_cases():
 
     def not_a_dataset(root, out, tmp):
         (tmp / "file").write_text("")
-        return ["--data-dir", tmp / "file", "--out", tmp / "new", *TINY]
+        return ["--data-dir", tmp / "file", "--out", tmp / "new", *TINY, "--epochs", "1"]
 
     def broken_batch(root, out, tmp):
         shutil.copytree(root / "data", tmp / "broken")
         (tmp / "broken" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"\x80\x04junk")
-        return ["--data-dir", tmp / "broken", "--out", tmp / "new", *TINY]
+        return ["--data-dir", tmp / "broken", "--out", tmp / "new", *TINY, "--epochs", "1"]
 
     def booby_trapped_batch(root, out, tmp):
         shutil.copytree(root / "data", tmp / "evil")
         with open(tmp / "evil" / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
             pickle.dump({"data": Marker(tmp / "MARKER"), "labels": [0]}, f)
-        return ["--data-dir", tmp / "evil", "--out", tmp / "new", *TINY]
+        return ["--data-dir", tmp / "evil", "--out", tmp / "new", *TINY, "--epochs", "1"]
 
     def other_script(root, out, tmp):
         common.save_checkpoint(str(tmp / "other.pt"), {"script": "mnist_unet", "config": {"x": 1}, "model": {}})
@@ -526,7 +534,7 @@ def bad_cases():
     def locked(root, out, tmp):
         (tmp / "locked").mkdir()
         common.lock_out(str(tmp / "locked"))  # held by this process until run_inprocess ends
-        return ["--data-dir", root / "data", "--out", tmp / "locked", *TINY]
+        return ["--data-dir", root / "data", "--out", tmp / "locked", *TINY, "--epochs", "1"]
 
     return [
         ("seed-negative", flag("--seed", "-1"), ["--seed", "between 0 and"]),
@@ -557,7 +565,8 @@ def bad_cases():
         ("resume-other-flip", resume("--no-flip"), ["trained with no_flip="]),
         ("resume-other-dataset", resume("--dataset", "fashion"), ["trained with dataset="]),
         ("resume-no-more-epochs", resume(epochs="2"), ["trained 2 epochs already", "larger --epochs"]),
-        ("fresh-run-into-a-run", lambda root, out, tmp: ["--data-dir", root / "data", "--out", out, *TINY],
+        ("fresh-run-into-a-run", lambda root, out, tmp: ["--data-dir", root / "data", "--out", out, *TINY,
+                                                          "--epochs", "1"],
          ["already holds a checkpoint", "--overwrite"]),
         ("out-locked-by-another-run", locked, ["in use by another training run", f"pid {os.getpid()}"]),
         ("loss-turns-nan", flag("--lr", "1e30", "--warmup", "0", "--epochs", "3"),
