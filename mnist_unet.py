@@ -214,9 +214,8 @@ def flow_matching_loss(model, x, y, label_dropout):
     eps = torch.randn_like(x)
     t = torch.rand(len(x), device=x.device)
     x_t, v = flow_path(x, eps, t)
-    if y is None:
-        return F.mse_loss(model(x_t, t), v)
-    y = torch.where(torch.rand(len(y), device=y.device) < label_dropout, NULL, y)
+    if y is not None:
+        y = torch.where(torch.rand(len(y), device=y.device) < label_dropout, NULL, y)
     return F.mse_loss(model(x_t, t, y), v)
 
 
@@ -257,12 +256,138 @@ def generate(model, noise, y, cfg, steps, solver="euler", precision="fp32", on_s
     return x.clamp(-1, 1)
 
 
-def load_model(path, device="cpu"):
+def load_model(path, device="cpu", compile_model=False):
     """A trained model (eval mode) and its config (the flags, the run and its settings) from a checkpoint."""
     ckpt = common.load_checkpoint(path, SCRIPT)
-    model = make_model(RUNS[ckpt["run"]]["cond"], ckpt["settings"]["hidden"], device)
+    model = make_model(RUNS[ckpt["run"]]["cond"], ckpt["settings"]["hidden"], device, compile_model)
     model.load_state_dict(ckpt["model"])
     return model.eval(), {**ckpt["config"], **ckpt["settings"], "run": ckpt["run"]}
+
+
+# ------------------------------------------------------------------------------------------ figures
+def fixed_noise(n, seed, device):
+    """Noise from a private generator: figures never disturb the training RNG stream (resume stays exact)."""
+    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+def class_labels(n, device):
+    return torch.arange(n, device=device) % NUM_CLASSES
+
+
+def sample_path(model, name, noise, w, job):
+    """[noise, x_1, ..., x_steps] for a figure (labels 0..9 cycled for the class model), with progress."""
+    y = class_labels(len(noise), noise.device) if RUNS[name]["cond"] == "class" else None
+    path = [noise]
+    progress = common.Progress(job["steps"], prefix=f"[{name}] figure, Euler step")
+
+    def on_step(x):
+        path.append(x)
+        progress.update(len(path) - 1, len(x) / job["steps"])
+    generate(model, noise, y, cfg=w, steps=job["steps"], precision=job["precision"], on_step=on_step)
+    return path
+
+
+def save_samples_grid(images, path, cond, classes, title):
+    """Class samples (labels 0..9 cycled) as one row per class, up to 10 each; fm samples 10 a row."""
+    per_class = min(len(images) // NUM_CLASSES, 10)
+    if cond != "class" or per_class == 0:
+        return common.save_grid(images[:100], path, nrow=10, scale=2, title=title)
+    rows = images[:per_class * NUM_CLASSES].view(per_class, NUM_CLASSES, 1, 28, 28).transpose(0, 1)
+    common.save_grid(rows.flatten(0, 1), path, nrow=per_class, scale=2, row_labels=classes, title=title)
+
+
+@torch.no_grad()
+def denoise_rows(model, x, sigmas, seed, precision):
+    """For each sigma: the noisy images x + 2*sigma*z and (with a model) their one-step denoising."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for sigma in sigmas:
+        noisy = x + 2 * sigma * torch.randn(x.shape, generator=gen).to(x.device)
+        rows.append(noisy)
+        if model is not None:
+            with common.autocast(x.device, precision):
+                rows.append(model(noisy).float())
+    return torch.cat(rows)
+
+
+def epoch_figure(name, model, epoch, epochs, x_test, job):
+    """Test images denoised (the denoiser), or 40 samples (4 per class) after an epoch."""
+    path = os.path.join(job["out"], f"{name}_epoch{epoch}.png")
+    data, cond = TITLES[job["dataset"]], RUNS[name]["cond"]
+    if cond == "none":
+        model.eval()
+        x = normalise(x_test[:10])
+        rows = torch.cat([x, denoise_rows(model, x, [SIGMA], job["seed"], job["precision"])])
+        labels = ["clean", f"sigma={SIGMA}", "denoised"]
+        return common.save_grid(rows, path, nrow=10, scale=2, row_labels=labels,
+                                title=f"{name}: {data} test images denoised, epoch {epoch}/{epochs}")
+    samples = sample_path(model, name, fixed_noise(40, job["seed"], x_test.device), job["cfg"], job)[-1]
+    w = f"w={job['cfg']:g}, " if cond == "class" else ""
+    save_samples_grid(samples, path, cond, job["classes"],
+                      f"{name}: {data} samples after epoch {epoch}/{epochs} ({w}{job['steps']} Euler steps)")
+
+
+def final_figures(name, model, x_train, x_test, job, history, steps_per_epoch, epochs):
+    run, device, seed, steps = RUNS[name], x_test.device, job["seed"], job["steps"]
+    data = TITLES[job["dataset"]]
+    f = lambda figure: os.path.join(job["out"], f"{name}_{figure}")
+    model.eval()
+    curves = {name: history[name]}
+    if run["ablation"] and "cfg" in history:  # the ablation's curve beside the run it ablates
+        curves = {"cfg_nosched (AdamW, lr/10, constant)": history[name],
+                  "cfg (Adam, ExponentialLR)": history["cfg"]}
+    every = max(1, epochs // 10)
+    marks = [(e * steps_per_epoch, f"epoch {e}") for e in range(every, epochs, every)]
+    common.plot_curves(f("loss.png"), curves, title=f"{name}: training loss (MSE), {data}", marks=marks)
+    if run["loss"] == "denoise":  # a column per sigma; a row per image (noising), or noisy/denoised pairs
+        x, S = normalise(x_test[:4]), len(SIGMAS)
+        by_image = lambda rows: rows.view(S, -1, 4, 1, 28, 28).permute(2, 1, 0, 3, 4, 5).flatten(0, 2)
+        sigmas = [f"sigma={s}" for s in SIGMAS]
+        common.save_grid(by_image(denoise_rows(None, x, SIGMAS, seed + 1, "fp32")), f("noising.png"), nrow=S,
+                         scale=3, col_labels=sigmas, title=f"{data}: x + 2*sigma*z (CS180's sigma on [0, 1])")
+        common.save_grid(by_image(denoise_rows(model, x, SIGMAS, seed + 1, job["precision"])), f("ood.png"),
+                         nrow=S, scale=3, col_labels=sigmas, row_labels=["noisy", "out"] * 4,
+                         title=f"{name}: trained at sigma={SIGMA}, applied at every sigma ({data})")
+    if run["loss"] == "noise":
+        z = fixed_noise(9, seed + 1, device)
+        with torch.no_grad(), common.autocast(device, job["precision"]):
+            f_z = model(z).float()
+        mean = normalise(x_train).mean(0, keepdim=True)
+        to_mean = (f_z - mean).pow(2).mean().sqrt()
+        to_image = (f_z - normalise(x_train[:9])).pow(2).mean().sqrt()
+        print(f"[noise] RMS distance of the outputs to the dataset mean {to_mean:.3f}, to a training image "
+              f"{to_image:.3f}")
+        common.save_grid(torch.cat([z, f_z, mean]), f("samples.png"), nrow=9, scale=2,
+                         row_labels=["z", "f(z)", "mean"], title=f"{name}: noise z in, the {data} mean out")
+    if run["cond"] == "time":
+        x, eps = normalise(x_test[:1]), fixed_noise(1, seed + 1, device)
+        ts = torch.linspace(0, 1, 11, device=device)
+        x_t = flow_path(x, eps, ts)[0]  # one image and one noise at 11 times
+        common.save_grid(x_t, f("path.png"), nrow=11, scale=2, col_labels=[f"{t:.1f}" for t in ts.tolist()],
+                         title=f"x_t = t*x + (1-t)*eps ({data})")
+        x = normalise(x_test[:8])
+        x_t, v = flow_path(x, fixed_noise(8, seed + 2, device), torch.full((8,), 0.5, device=device))
+        with torch.no_grad(), common.autocast(device, job["precision"]):
+            v_pred = guided_velocity(model, x_t, 0.5, None, 1.0)
+        # velocities span about [-3, 3]: shown halved, so grey is 0
+        common.save_grid(torch.cat([x, x_t, v / 2, v_pred / 2, (v_pred - v) / 2]), f("velocity.png"), nrow=8,
+                         scale=2, row_labels=["x", "x_0.5", "x-eps", "v_pred", "error"],
+                         title=f"{name}: velocity target and prediction at t=0.5, halved ({data})")
+    if run["loss"] == "flow" and not run["ablation"]:  # trajectory: rows = samples, columns = t; and a GIF
+        path = sample_path(model, name, fixed_noise(10, seed + 1, device), job["cfg"], job)
+        cols = sorted({round(i * steps / 10) for i in range(11)})
+        w = f"w={job['cfg']:g}, " if run["cond"] == "class" else ""
+        title = f"{name}: sampling from t=0 to 1 ({data}, {w}{steps} Euler steps)"
+        common.save_grid(torch.stack([path[i] for i in cols], 1).flatten(0, 1), f("trajectory.png"),
+                         nrow=len(cols), scale=2, col_labels=[f"{i / steps:.1f}" for i in cols], title=title,
+                         row_labels=job["classes"] if run["cond"] == "class" else None)
+        common.save_gif(path, f("trajectory.gif"), nrow=10, scale=2, title=title)
+    if run["cond"] == "class" and not run["ablation"]:  # same noise for every w: columns differ only by w
+        sweep = [sample_path(model, name, fixed_noise(20, seed + 2, device), w, job)[-1] for w in GUIDANCE]
+        grid = torch.stack(sweep).view(len(GUIDANCE), 2, NUM_CLASSES, 1, 28, 28).permute(2, 0, 1, 3, 4, 5)
+        common.save_grid(grid.flatten(0, 2), f("guidance.png"), nrow=2 * len(GUIDANCE), scale=2,
+                         row_labels=job["classes"], col_labels=[s for w in GUIDANCE for s in (f"w={w}", "")],
+                         title=f"{name}: guidance scale w ({data}, {steps} Euler steps)")
 
 
 # ----------------------------------------------------------------------------------------- training
@@ -367,132 +492,6 @@ def train_run(name, s, data, job, history, progress, share, ckpt=None):
     return model
 
 
-# ------------------------------------------------------------------------------------------ figures
-def fixed_noise(n, seed, device):
-    """Noise from a private generator: figures never disturb the training RNG stream (resume stays exact)."""
-    return torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def class_labels(n, device):
-    return torch.arange(n, device=device) % NUM_CLASSES
-
-
-def sample_path(model, name, noise, w, job):
-    """[noise, x_1, ..., x_steps] for a figure (labels 0..9 cycled for the class model), with progress."""
-    y = class_labels(len(noise), noise.device) if RUNS[name]["cond"] == "class" else None
-    path = [noise]
-    progress = common.Progress(job["steps"], prefix=f"[{name}] figure, Euler step")
-
-    def on_step(x):
-        path.append(x)
-        progress.update(len(path) - 1, len(x) / job["steps"])
-    generate(model, noise, y, cfg=w, steps=job["steps"], precision=job["precision"], on_step=on_step)
-    return path
-
-
-def save_samples_grid(images, path, cond, classes, title):
-    """Class samples (labels 0..9 cycled) as one row per class, up to 10 each; fm samples 10 a row."""
-    per_class = min(len(images) // NUM_CLASSES, 10)
-    if cond != "class" or per_class == 0:
-        return common.save_grid(images[:100], path, nrow=10, scale=2, title=title)
-    rows = images[:per_class * NUM_CLASSES].view(per_class, NUM_CLASSES, 1, 28, 28).transpose(0, 1)
-    common.save_grid(rows.flatten(0, 1), path, nrow=per_class, scale=2, row_labels=classes, title=title)
-
-
-@torch.no_grad()
-def denoise_rows(model, x, sigmas, seed, precision):
-    """For each sigma: the noisy images x + 2*sigma*z and (with a model) their one-step denoising."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = []
-    for sigma in sigmas:
-        noisy = x + 2 * sigma * torch.randn(x.shape, generator=gen).to(x.device)
-        rows.append(noisy)
-        if model is not None:
-            with common.autocast(x.device, precision):
-                rows.append(model(noisy).float())
-    return torch.cat(rows)
-
-
-def epoch_figure(name, model, epoch, epochs, x_test, job):
-    """Test images denoised (the denoiser), or 40 samples (4 per class) after an epoch."""
-    path = os.path.join(job["out"], f"{name}_epoch{epoch}.png")
-    data, cond = TITLES[job["dataset"]], RUNS[name]["cond"]
-    if cond == "none":
-        model.eval()
-        x = normalise(x_test[:10])
-        rows = torch.cat([x, denoise_rows(model, x, [SIGMA], job["seed"], job["precision"])])
-        labels = ["clean", f"sigma={SIGMA}", "denoised"]
-        return common.save_grid(rows, path, nrow=10, scale=2, row_labels=labels,
-                                title=f"{name}: {data} test images denoised, epoch {epoch}/{epochs}")
-    samples = sample_path(model, name, fixed_noise(40, job["seed"], x_test.device), job["cfg"], job)[-1]
-    w = f"w={job['cfg']:g}, " if cond == "class" else ""
-    save_samples_grid(samples, path, cond, job["classes"],
-                      f"{name}: {data} samples after epoch {epoch}/{epochs} ({w}{job['steps']} Euler steps)")
-
-
-def final_figures(name, model, x_train, x_test, job, history, steps_per_epoch, epochs):
-    run, device, seed, steps = RUNS[name], x_test.device, job["seed"], job["steps"]
-    data = TITLES[job["dataset"]]
-    f = lambda figure: os.path.join(job["out"], f"{name}_{figure}")
-    model.eval()
-    curves = {name: history[name]}
-    if run["ablation"] and "cfg" in history:  # the ablation's curve beside the run it ablates
-        curves = {"cfg_nosched (AdamW, lr/10, constant)": history[name],
-                  "cfg (Adam, ExponentialLR)": history["cfg"]}
-    every = max(1, epochs // 10)
-    marks = [(e * steps_per_epoch, f"epoch {e}") for e in range(every, epochs, every)]
-    common.plot_curves(f("loss.png"), curves, title=f"{name}: training loss (MSE), {data}", marks=marks)
-    if run["loss"] == "denoise":  # a column per sigma; a row per image (noising), or noisy/denoised pairs
-        x, S = normalise(x_test[:4]), len(SIGMAS)
-        by_image = lambda rows: rows.view(S, -1, 4, 1, 28, 28).permute(2, 1, 0, 3, 4, 5).flatten(0, 2)
-        sigmas = [f"sigma={s}" for s in SIGMAS]
-        common.save_grid(by_image(denoise_rows(None, x, SIGMAS, seed + 1, "fp32")), f("noising.png"), nrow=S,
-                         scale=3, col_labels=sigmas, title=f"{data}: x + 2*sigma*z (CS180's sigma on [0, 1])")
-        common.save_grid(by_image(denoise_rows(model, x, SIGMAS, seed + 1, job["precision"])), f("ood.png"),
-                         nrow=S, scale=3, col_labels=sigmas, row_labels=["noisy", "out"] * 4,
-                         title=f"{name}: trained at sigma={SIGMA}, applied at every sigma ({data})")
-    if run["loss"] == "noise":
-        z = fixed_noise(9, seed + 1, device)
-        with torch.no_grad(), common.autocast(device, job["precision"]):
-            f_z = model(z).float()
-        mean = torch.cat([normalise(x_train[i:i + 1024]) for i in range(0, len(x_train), 1024)]).mean(0, True)
-        to_mean = (f_z - mean).pow(2).mean().sqrt()
-        to_image = (f_z - normalise(x_train[:9])).pow(2).mean().sqrt()
-        print(f"[noise] RMS distance of the outputs to the dataset mean {to_mean:.3f}, to a training image "
-              f"{to_image:.3f}")
-        common.save_grid(torch.cat([z, f_z, mean]), f("samples.png"), nrow=9, scale=2,
-                         row_labels=["z", "f(z)", "mean"], title=f"{name}: noise z in, the {data} mean out")
-    if run["cond"] == "time":
-        x, eps = normalise(x_test[:1]), fixed_noise(1, seed + 1, device)
-        ts = torch.linspace(0, 1, 11, device=device)
-        x_t = flow_path(x.expand(11, -1, -1, -1), eps.expand(11, -1, -1, -1), ts)[0]
-        common.save_grid(x_t, f("path.png"), nrow=11, scale=2, col_labels=[f"{t:.1f}" for t in ts.tolist()],
-                         title=f"x_t = t*x + (1-t)*eps ({data})")
-        x = normalise(x_test[:8])
-        x_t, v = flow_path(x, fixed_noise(8, seed + 2, device), torch.full((8,), 0.5, device=device))
-        with torch.no_grad(), common.autocast(device, job["precision"]):
-            v_pred = guided_velocity(model, x_t, 0.5, None, 1.0)
-        # velocities span about [-3, 3]: shown halved, so grey is 0
-        common.save_grid(torch.cat([x, x_t, v / 2, v_pred / 2, (v_pred - v) / 2]), f("velocity.png"), nrow=8,
-                         scale=2, row_labels=["x", "x_0.5", "x-eps", "v_pred", "error"],
-                         title=f"{name}: velocity target and prediction at t=0.5, halved ({data})")
-    if run["loss"] == "flow" and not run["ablation"]:  # trajectory: rows = samples, columns = t; and a GIF
-        path = sample_path(model, name, fixed_noise(10, seed + 1, device), job["cfg"], job)
-        cols = sorted({round(i * steps / 10) for i in range(11)})
-        w = f"w={job['cfg']:g}, " if run["cond"] == "class" else ""
-        title = f"{name}: sampling from t=0 to 1 ({data}, {w}{steps} Euler steps)"
-        common.save_grid(torch.stack([path[i] for i in cols], 1).flatten(0, 1), f("trajectory.png"),
-                         nrow=len(cols), scale=2, col_labels=[f"{i / steps:.1f}" for i in cols], title=title,
-                         row_labels=job["classes"] if run["cond"] == "class" else None)
-        common.save_gif(path, f("trajectory.gif"), nrow=10, scale=2, title=title)
-    if run["cond"] == "class" and not run["ablation"]:  # same noise for every w: columns differ only by w
-        sweep = [sample_path(model, name, fixed_noise(20, seed + 2, device), w, job)[-1] for w in GUIDANCE]
-        grid = torch.stack(sweep).view(len(GUIDANCE), 2, NUM_CLASSES, 1, 28, 28).permute(2, 0, 1, 3, 4, 5)
-        common.save_grid(grid.flatten(0, 2), f("guidance.png"), nrow=2 * len(GUIDANCE), scale=2,
-                         row_labels=job["classes"], col_labels=[s for w in GUIDANCE for s in (f"w={w}", "")],
-                         title=f"{name}: guidance scale w ({data}, {steps} Euler steps)")
-
-
 # ------------------------------------------------------------------------------ speed and sampling
 def sync(device):
     if device.type == "cuda":
@@ -550,23 +549,30 @@ def estimate_time(plans, n_train, device, precision):
           f"{common.format_time(total)}. For a CPU run of about 10 minutes use --quick.", flush=True)
 
 
-def save_samples(model, name, n, path, job):
-    """n samples (labels 0..9 cycled; -1 for fm), each chunk from its own seeded noise, as .npz."""
+def save_samples(model, path, n, batch, classes, seed, sampling):
+    """n samples (`classes` in turn; labels -1 without classes: the fm model) as an .npz for evaluate.py; the
+    chunk of `batch` from index i comes from noise seeded by seed + 3 + i (the figures': seed to seed + 2)."""
+    labels = torch.arange(n) % len(classes) if classes else torch.full((n,), -1)
     device = next(model.parameters()).device
-    cond = RUNS[name]["cond"] == "class"
-    labels = class_labels(n, device) if cond else torch.full((n,), -1, device=device)
     progress = common.Progress(n, prefix="sampling")
     chunks = []
-    for i in range(0, n, SAMPLE_CHUNK):
-        noise = fixed_noise(min(SAMPLE_CHUNK, n - i), job["seed"] + 3 + i, device)
-        y = labels[i:i + len(noise)] if cond else None
-        images = generate(model, noise, y, cfg=job["cfg"], steps=job["steps"], precision=job["precision"])
-        chunks.append(images.cpu())
+    for i in range(0, n, batch):
+        noise = fixed_noise(min(batch, n - i), seed + 3 + i, device)
+        y = labels[i:i + len(noise)] if classes else None
+        chunks.append(generate(model, noise, y, **sampling).cpu())
         progress.update(i + len(noise), len(noise))
-    images = torch.cat(chunks).cpu()
-    common.save_samples_npz(path, images, labels.cpu())
-    print(f"wrote {n} samples of {name} to {path}; evaluate them with\n"
-          f"  python evaluate.py {path} --dataset {job['dataset']} --data-dir {job['data_dir']}", flush=True)
+    images = torch.cat(chunks)
+    common.save_samples_npz(path, images, labels)
+    return images
+
+
+def write_samples(model, name, path, args, dataset, w, precision):
+    """--num-samples samples of run `name` (cfg: guidance w) into path, then the command to score them."""
+    classes = common.CLASS_NAMES[dataset] if RUNS[name]["cond"] == "class" else None
+    sampling = dict(cfg=w, steps=args.steps, precision=precision)
+    images = save_samples(model, path, args.num_samples, SAMPLE_CHUNK, classes, args.seed, sampling)
+    print(f"wrote {args.num_samples} samples of {name} to {path}; evaluate them with\n"
+          f"  python evaluate.py {path} --dataset {dataset} --data-dir {args.data_dir}", flush=True)
     return images
 
 
@@ -630,36 +636,31 @@ def main(argv=None):
     args = validate(parse_args(argv))
     device = common.get_device(args.device)
     precision = common.precision_for(args.precision, device)
-    flags = {k: getattr(args, k) for k in ("hidden", "batch_size", "lr", "epochs")}
-    overrides = {k: v for k, v in flags.items() if v is not None}
-    w = args.cfg if args.cfg is not None else (QUICK_CFG_W if args.quick else CFG_W)
-    job = dict(device=device, precision=precision, compile=args.compile, steps=args.steps, seed=args.seed,
-               cfg=w, dataset=args.dataset, data_dir=args.data_dir, classes=common.CLASS_NAMES[args.dataset])
     if args.sample:  # the checkpoint's dataset and preset, whatever the flags say
-        model, config = load_model(args.sample, device)
-        cond = RUNS[config["run"]]["cond"]
+        model, config = load_model(args.sample, device, args.compile)
+        name, cond = config["run"], RUNS[config["run"]]["cond"]
         if cond == "none":
-            raise common.UserError(f"{args.sample} holds the {config['run']} denoiser, which cannot sample; "
+            raise common.UserError(f"{args.sample} holds the {name} denoiser, which cannot sample; "
                                    "pass an fm or cfg checkpoint")
-        if args.compile:
-            model.compile()
         out = common.prepare_out(args.out)
         dataset = config.get("dataset", "mnist")  # checkpoints from before --dataset are MNIST
-        job.update(dataset=dataset, classes=common.CLASS_NAMES[dataset], out=out,
-                   cfg=args.cfg if args.cfg is not None else (QUICK_CFG_W if config["quick"] else CFG_W))
-        images = save_samples(model, config["run"], args.num_samples,
-                              args.save_samples or os.path.join(out, "samples.npz"), job)
-        guided = f"w={job['cfg']:g}, " if cond == "class" else ""
-        title = f"{config['run']}: samples ({TITLES[job['dataset']]}, {guided}{args.steps} Euler steps)"
-        return save_samples_grid(images, os.path.join(out, "samples.png"), cond, job["classes"], title)
+        w = args.cfg if args.cfg is not None else (QUICK_CFG_W if config["quick"] else CFG_W)
+        path = args.save_samples or os.path.join(out, "samples.npz")
+        images = write_samples(model, name, path, args, dataset, w, precision)
+        guided = f"w={w:g}, " if cond == "class" else ""
+        title = f"{name}: samples ({TITLES[dataset]}, {guided}{args.steps} Euler steps)"
+        return save_samples_grid(images, os.path.join(out, "samples.png"), cond, common.CLASS_NAMES[dataset],
+                                 title)
     ckpt = common.load_checkpoint(args.resume, SCRIPT, vars(args), TRAINING_KEYS) if args.resume else None
     part = ckpt["config"]["part"] if ckpt else args.part  # --resume goes on with the checkpoint's --part
-    job["config"] = dict(vars(args), part=part)  # the flags, saved in every checkpoint
     runs = [r for r in RUNS if part in ("all", RUNS[r]["part"]) and not (args.quick and RUNS[r]["ablation"])]
+    flags = {k: getattr(args, k) for k in ("hidden", "batch_size", "lr", "epochs")}
+    overrides = {k: v for k, v in flags.items() if v is not None}
     plans = {name: settings(QUICK if args.quick else RECIPE, name, overrides) for name in runs}
+    w = args.cfg if args.cfg is not None else (QUICK_CFG_W if args.quick else CFG_W)
     if args.benchmark:
         plans = {name: s for name, s in plans.items() if not RUNS[name]["ablation"]}
-        return benchmark(plans, device, precision, args.steps, job["cfg"])
+        return benchmark(plans, device, precision, args.steps, w)
     history = {}
     if ckpt:  # skip the runs finished before the resumed one, keeping their losses for the ablation's plot
         for name in runs[:runs.index(ckpt["run"])]:
@@ -680,7 +681,10 @@ def main(argv=None):
     data = load_data(args.dataset, args.data_dir, args.quick, device)
     out = common.prepare_out(args.out)
     common.lock_out(out)
-    job.update(out=out, metrics=common.Metrics(os.path.join(out, "metrics.jsonl"), fresh=not args.resume))
+    job = dict(device=device, precision=precision, compile=args.compile, steps=args.steps, seed=args.seed,
+               cfg=w, dataset=args.dataset, classes=common.CLASS_NAMES[args.dataset], out=out,
+               config=dict(vars(args), part=part),  # the flags, saved in every checkpoint
+               metrics=common.Metrics(os.path.join(out, "metrics.jsonl"), fresh=not args.resume))
     n_train = len(data[0])
     print(f"device {device}; {n_train} {TITLES[args.dataset]} training images; runs: {', '.join(runs)}; "
           "progress lines count percent of the whole job", flush=True)
@@ -693,15 +697,14 @@ def main(argv=None):
     start = 100 * cost[runs[0]] * ckpt["step"] / total if ckpt else 0  # the part a resumed run had done
     progress = common.Progress(100, start=start, prefix="job")
     done = 0
+    models = {}
     for name in runs:
         resumed = ckpt if ckpt and name == ckpt["run"] else None
         share = (done, 100 * cost[name] / total)
-        model = train_run(name, plans[name], data, job, history, progress, share, resumed)
+        models[name] = train_run(name, plans[name], data, job, history, progress, share, resumed)
         done += 100 * cost[name] * steps[name] / total
-        if sampled and name == sampled[-1]:
-            sampled_model = model
     if args.save_samples:
-        save_samples(sampled_model, sampled[-1], args.num_samples, args.save_samples, job)
+        write_samples(models[sampled[-1]], sampled[-1], args.save_samples, args, args.dataset, w, precision)
 
 
 if __name__ == "__main__":
