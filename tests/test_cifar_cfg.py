@@ -444,8 +444,8 @@ def test_torchrun_errors_reach_every_rank(trained, tmp_path):
     (tmp_path / "locked").mkdir()
     common.lock_out(str(tmp_path / "locked"))  # another training run holds this --out
     try:  # rank 0 can't take the lock: the others get its sentence, not a broken connection
-        r = run_script("cifar_cfg.py", "--data-dir", root / "data", "--out", tmp_path / "locked", "--epochs", "1",
-                       *TINY, torchrun=2)
+        r = run_script("cifar_cfg.py", "--data-dir", root / "data", "--out", tmp_path / "locked",
+                       "--epochs", "1", *TINY, torchrun=2)
     finally:
         common.LOCKS.pop().close()
     assert r.returncode != 0 and r.stderr.count("in use by another training run") == 2, r.stderr[-3000:]

@@ -301,7 +301,7 @@ def test_cli_sample_only(cli_run, tmp_path, capsys):
     from PIL import Image
     grid = np.asarray(Image.open(tmp_path / "cfg" / "samples.png").convert("L"))
     assert grid.shape[0] > 10 * 56 and grid.std() > 10  # a row per class (2 samples each at scale 2), not blank
-    # the chunk from index i is drawn from noise seeded by seed + 3 + i: published sample files stay reproducible
+    # the chunk from index i comes from noise seeded by seed + 3 + i: published sample files stay reproducible
     model, _ = m.load_model(str(out / "cfg.pt"))
     sampling = dict(cfg=2.0, steps=2, precision="fp32")
     images = m.save_samples(model, str(tmp_path / "chunks.npz"), 5, 2, ["a", "b", "c"], 7, sampling)
