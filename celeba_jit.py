@@ -553,17 +553,25 @@ def write_samples(model, args, classes, sampling, dataset, data_dir, log):
         f"--dataset {dataset} --data-dir {data_dir}")
 
 
+def sample_noise(seed, j, shape):
+    """The starting noise of sample j of an .npz, from its own generator: the file is the same for any
+    --batch-size and number of ranks. torch's CPU generator keeps only the low 32 bits of a seed, so numpy's
+    SeedSequence hashes (seed, j) into them (seed << 32 + j would give every --seed the same noise)."""
+    state = np.random.SeedSequence([seed, j]).generate_state(1)[0]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(state)))
+
+
 def save_samples(model, path, n, batch, classes, seed, sampling):
-    """Chunk i of the n samples (classes in turn) is made by rank i % world from noise seeded by (seed, i), so
-    any number of ranks writes the .npz of one process; rank 0 gathers and writes it (-1: unconditional)."""
+    """Chunk i of the n samples (classes in turn) is made by rank i % world, so any number of ranks writes the
+    .npz of one process; rank 0 gathers and writes it (-1: unconditional)."""
     rank, world = common.rank_and_world()
     device = next(model.parameters()).device
     chunks, progress = {}, common.Progress(n, prefix="sampling", enabled=rank == 0)
     for i, start in enumerate(range(0, n, batch)):
         b = min(batch, n - start)
         if i % world == rank:
-            g = torch.Generator().manual_seed((seed << 32) + i)
-            noise = torch.randn(b, model.channels, model.res, model.res, generator=g).to(device)
+            shape = (model.channels, model.res, model.res)
+            noise = torch.stack([sample_noise(seed, j, shape) for j in range(start, start + b)]).to(device)
             y = torch.arange(start, start + b, device=device) % len(classes) if classes else None
             chunks[i] = common.to_uint8(generate(model, noise, y, **sampling)).numpy()
             progress.update(min(n, (i + world) * batch), b * world)  # all ranks' work, as rank 0 sees it

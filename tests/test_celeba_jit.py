@@ -497,6 +497,18 @@ def test_save_samples_over_two_ranks_equals_one_process(tmp_path):
     assert not np.array_equal(one["images"][0], one["images"][2])
 
 
+def test_save_samples_noise_follows_the_seed_not_the_batch_size(tmp_path, monkeypatch):
+    ckpt = mnist_run(tmp_path)
+    monkeypatch.setattr(jit, "generate", lambda model, noise, y, **sampling: noise)  # write the noise itself
+    sampling = ["--sample", ckpt, "--num-samples", 5, "--out", tmp_path / "s"]
+    for name, extra in (("b2", ["--batch-size", 2]), ("b5", ["--batch-size", 5]), ("seed1", ["--seed", 1])):
+        run_main(*sampling, *extra, "--save-samples", tmp_path / f"{name}.npz")
+    b2, b5, seed1 = (np.load(tmp_path / f"{name}.npz")["images"].astype(int) for name in ("b2", "b5", "seed1"))
+    assert np.array_equal(b2, b5)  # each sample's own noise, whatever the chunks
+    assert np.abs(b2 - seed1).mean() > 30  # another seed, other noise (seed << 32 + j gave the same)
+    assert np.abs(b2[0] - b2[1]).mean() > 30
+
+
 def test_benchmark_prints_eager_and_compiled_speeds(capsys, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model: model)  # the slow test runs the real compile
     run_main("--benchmark", "--dataset", "fashion", "--batch-size", 4, *TINY)
