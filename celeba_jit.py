@@ -44,8 +44,8 @@ LOG_EVERY = 20  # steps between averaging the losses over the ranks (one GPU syn
 # class tokens (count, first block). "blog": the write-up's 12x768 p=16 s=12 model; "B": JiT-B/16 (131M).
 PRESETS = {
     "tiny": dict(depth=2, dim=32, heads=2, patch=4, stride=3, bottleneck=16, context=(0, 0)),
-    # the CPU preset (with the docstring's flags: FD 4.3-4.4, 94.5% on Fashion-MNIST in 8 min, 2 cores, README);
-    # its 64-wide bottleneck passes all 49 numbers of a 7 x 7 patch (32: worse FD)
+    # the CPU preset (with the docstring's flags: FD 4.3-4.4, 94.5% on Fashion-MNIST in 8 min on 2 cores,
+    # README); its 64-wide bottleneck passes all 49 numbers of a 7 x 7 patch (32: worse FD)
     "mnist": dict(depth=4, dim=128, heads=4, patch=7, stride=7, bottleneck=64, context=(0, 0)),
     "blog": dict(depth=12, dim=768, heads=12, patch=16, stride=12, bottleneck=128, context=(0, 0)),
     "B": dict(depth=12, dim=768, heads=12, patch=16, stride=16, bottleneck=128, context=(32, 4)),
