@@ -568,10 +568,10 @@ def save_samples(model, path, n, batch, classes, seed, sampling):
     rank, world = common.rank_and_world()
     device = next(model.parameters()).device
     chunks, progress = {}, common.Progress(n, prefix="sampling", enabled=rank == 0)
+    shape = (model.channels, model.res, model.res)
     for i, start in enumerate(range(0, n, batch)):
         b = min(batch, n - start)
         if i % world == rank:
-            shape = (model.channels, model.res, model.res)
             noise = torch.stack([sample_noise(seed, j, shape) for j in range(start, start + b)]).to(device)
             y = torch.arange(start, start + b, device=device) % len(classes) if classes else None
             chunks[i] = common.to_uint8(generate(model, noise, y, **sampling)).numpy()
