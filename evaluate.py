@@ -9,7 +9,9 @@ mnist, fashion (28x28 grey): a small CNN classifier, trained once on the real tr
                   Inception, so it ranks this project's runs but is not comparable with published FIDs
   floor           the same distance for N real *training* images (a seeded random subset) against the test
                   split: what a perfect generator scores with N samples (FD is biased upward at small N), so
-                  FD / floor near 1 is as good as it gets
+                  FD / floor near 1 is as good as it gets. The classifier was trained on these images, so it
+                  may see them a little differently from new ones: the floor is approximate
+  Both fall as N grows: compare FDs (and FIDs) only between runs with the same number of samples.
 cifar10, folder (RGB): the standard FID, by torch-fidelity (pip install torch-fidelity), which reproduces the
   TensorFlow Inception reference numbers (torchmetrics uses its Inception weights too). Protocol: every sample
   in the npz (FID-50K: save 50,000) against the real training images (cifar10: the 50,000 training images;
@@ -23,6 +25,7 @@ cifar10, folder (RGB): the standard FID, by torch-fidelity (pip install torch-fi
 """
 import argparse
 import hashlib
+import inspect
 import os
 import time
 
@@ -45,7 +48,7 @@ RECIPE = f"cnn 32-64-128 bn v1, adam {LR}, batch {BATCH}, {EPOCHS} epochs, seed 
 # torch-fidelity's Inception-v3 (TF graph 2015-12-05, converted), fetched here to explain an offline failure
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # celeba_jit.py's
 
 
 # ------------------------------------------------------------------------------------ Frechet distance
@@ -114,10 +117,13 @@ def train_classifier(images, labels, device):
 
 def get_classifier(dataset, train, test, cache_dir, device, batch_size):
     """Trained once per training set: cached as classifier-{dataset}-{hash12}.pt, the sha1 of the training
-    images, their labels and RECIPE. Returns (model, its test accuracy, cache path)."""
+    images, their labels, RECIPE and the code of the network, its training and its input scaling (a changed
+    network with the same shapes would load stale weights). Returns (model, its test accuracy, cache path)."""
     h = hashlib.sha1(train[0].numpy().tobytes())
     h.update(train[1].numpy().tobytes())
     h.update(RECIPE.encode())
+    for code in (Classifier, train_classifier, embed):
+        h.update(inspect.getsource(code).encode())
     path = os.path.join(cache_dir, f"classifier-{dataset}-{h.hexdigest()[:12]}.pt")
     model = Classifier()
     if os.path.isfile(path):
@@ -141,8 +147,10 @@ def get_classifier(dataset, train, test, cache_dir, device, batch_size):
 # ------------------------------------------------------------------------------------- the samples
 def load_samples(path, dataset, unconditional):
     """The npz's images (uint8 N x C x H x W) and labels (int64, -1 = none), checked before any work."""
-    if not os.path.isfile(path):
-        raise common.UserError(f"{path} does not exist; pass the .npz file a script's --save-samples wrote")
+    if not os.path.isfile(path):  # a FIFO or a device is never opened: reading one could hang
+        what = ("is a folder" if os.path.isdir(path) else "is not a regular file (a device or a FIFO)"
+                if os.path.exists(path) else "does not exist")
+        raise common.UserError(f"{path} {what}; pass the .npz file a script's --save-samples wrote")
     try:
         npz = np.load(path, allow_pickle=False)  # no pickles: loading a file never runs code
         if not isinstance(npz, np.lib.npyio.NpzFile):
@@ -249,8 +257,8 @@ def evaluate(npz_path, dataset, data_dir, cache_dir="runs/evaluate", device="cpu
     print(f"samples: {n:,} of {' x '.join(map(str, images.shape[1:]))} from {npz_path}")
     if dataset in RGB:
         fid, n_real = inception_fid(images, dataset, data_dir, device, batch_size)
-        print(f"class accuracy: not provided for RGB data\n"
-              f"FID (Inception-v3, torch-fidelity) against the {n_real:,} real training images: {fid:.4g}")
+        print(f"class accuracy: not provided for RGB data\nFID (Inception-v3, torch-fidelity) of the {n:,} "
+              f"samples against the {n_real:,} real training images: {fid:.4g} (compare only at equal n)")
         return {"npz": npz_path, "dataset": dataset, "n": n, "fid": fid, "reference_n": n_real}
     train = common.load_dataset(dataset, data_dir, train=True)
     test = common.load_dataset(dataset, data_dir, train=False)
@@ -262,7 +270,11 @@ def evaluate(npz_path, dataset, data_dir, cache_dir="runs/evaluate", device="cpu
         raise common.UserError(f"cannot write to {cache_dir} ({e.strerror}); pass a writable --cache-dir")
     model, test_accuracy, path = get_classifier(dataset, train, test, cache_dir, device, batch_size)
     feats, logits = embed(model, torch.from_numpy(images), device, batch_size)
-    test_stats = feature_stats(embed(model, test[0], device, batch_size)[0])
+    test_feats = embed(model, test[0], device, batch_size)[0]
+    if not (feats.isfinite().all() and test_feats.isfinite().all()):  # eigh would fail with LinAlgError
+        raise common.UserError(f"the classifier cache {path} holds non-finite weights (its features are NaN "
+                               f"or inf); delete it to train a new one")
+    test_stats = feature_stats(test_feats)
     fd = frechet_distance(*feature_stats(feats), *test_stats)
     subset = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(seed))[:n]  # at most all
     real = embed(model, train[0][subset], device, batch_size)[0]
@@ -283,8 +295,10 @@ def evaluate(npz_path, dataset, data_dir, cache_dir="runs/evaluate", device="cpu
         print(f"class accuracy: {right.mean().item():.2%} of {len(y):,} labelled samples\n"
               f"  per class: {', '.join(shown[:5])}\n             {', '.join(shown[5:])}")
     ratio = "" if result["fd_ratio"] is None else f"   FD / floor = {result['fd_ratio']:.3g}"
-    print(f"FD (classifier features, samples vs the {len(test[0]):,} test images): {fd:.4g}\n"
-          f"floor (the same for {len(subset):,} real training images): {floor:.4g}{ratio}")
+    print(f"FD (classifier features, {n:,} samples vs the {len(test[0]):,} test images): {fd:.4g}\n"
+          f"floor (the same for {len(subset):,} real training images): {floor:.4g}{ratio}\n"
+          f"  both fall as n grows: compare only at equal n; the classifier was trained on the floor's "
+          f"images")
     return result
 
 
@@ -298,7 +312,8 @@ def parse_args(argv=None):
         "the folder of real images")
     add("--cache-dir", default=os.path.join("runs", "evaluate"), help="where trained classifiers are kept")
     add("--device", help="cuda, cuda:N, mps or cpu (default: the best available; FID: cuda or cpu)")
-    add("--seed", type=int, default=0, help="picks the real training images of the floor")
+    add("--seed", type=int, default=0, help="picks the real training images of the floor (images the "
+        "classifier was trained on)")
     add("--batch-size", type=int, default=500, help="images per forward pass of the feature networks")
     add("--unconditional", action="store_true", help="the samples have no labels: skip the class accuracy")
     add("--metrics", metavar="FILE.jsonl", help="append the numbers to FILE.jsonl as one JSON line")
@@ -310,7 +325,15 @@ def main(argv=None):
     common.check_positive(args, "batch_size")
     common.check_seed(args)
     if args.metrics:
-        common.check_output_file(args.metrics, "--metrics")
+        common.check_output_file(args.metrics, "--metrics")  # refuses a FIFO: the read below never hangs
+    if args.metrics and os.path.isfile(args.metrics):
+        with open(args.metrics, "rb") as f:
+            text = f.read(1) in (b"", b"{")  # every line Metrics writes is a JSON object
+        same = os.path.exists(args.samples) and os.path.samefile(args.metrics, args.samples)
+        if same or not text:
+            what = "is the samples file" if same else "exists and is not a JSON-lines file"
+            raise common.UserError(f"--metrics {args.metrics} {what}; appending a line would corrupt it: "
+                                   f"pass a new path or a .jsonl file")
     result = evaluate(args.samples, args.dataset, args.data_dir, args.cache_dir, args.device, args.seed,
                       args.batch_size, args.unconditional)
     if args.metrics:

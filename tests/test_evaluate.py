@@ -6,13 +6,16 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import types
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
+import celeba_jit
 import common
 import evaluate
 from helpers import (assert_user_error, make_cifar_root, make_fashion_root, make_image_folder, run_script,
@@ -22,6 +25,15 @@ from helpers import (assert_user_error, make_cifar_root, make_fashion_root, make
 def npz(path, **arrays):
     np.savez(path, **arrays)
     return str(path)
+
+
+def refused(argv, capsys):
+    """Run the CLI in-process on argv that must be refused: returns its one `error: ...` line."""
+    with pytest.raises(SystemExit) as exit_:
+        common.run(lambda: evaluate.main(argv))
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return assert_user_error(types.SimpleNamespace(returncode=exit_.value.code, stdout="", stderr=err))
 
 
 def random_spd(d, seed):
@@ -136,6 +148,64 @@ def test_the_classifier_trains_once_and_is_loaded_after(fashion, capsys):
     assert again["fd"] == pytest.approx(fashion.first["fd"])
 
 
+class SameShapesOtherCode(evaluate.Classifier):
+    """The classifier with its input negated: every weight keeps its shape, so only the code tells the caches
+    apart."""
+
+    def forward(self, x):
+        return self.head(self.features(-x))
+
+
+def test_a_changed_classifier_with_the_same_shapes_trains_anew(fashion, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    shutil.copytree(fashion.cache, cache)
+    monkeypatch.setattr(evaluate, "Classifier", SameShapesOtherCode)
+    monkeypatch.setattr(evaluate, "EPOCHS", 1)
+    monkeypatch.setattr(evaluate, "BATCH", 32)
+    result = evaluate.evaluate(fashion.real, "fashion", fashion.root, str(cache))
+    out = capsys.readouterr().out
+    assert "classifier: loaded" not in out and "classifier epoch 1/1" in out
+    old, new = os.path.basename(fashion.first["classifier"]), os.path.basename(result["classifier"])
+    assert old != new and sorted(os.listdir(cache)) == sorted([old, new])
+
+
+def test_the_floor_says_the_classifier_was_trained_on_its_images(fashion, capsys):
+    assert "the classifier was trained on the floor's images" in fashion.out
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps the flags' help
+    assert "The classifier was trained on these images" in help_text
+    assert "the real training images of the floor (images the classifier was trained on)" in help_text
+
+
+def test_fd_and_floor_print_their_n_and_fall_as_n_grows(fashion, tmp_path, capsys):
+    few = npz(tmp_path / "few.npz", images=fashion.images[:120], labels=fashion.labels[:120])
+    result = evaluate.evaluate(few, "fashion", fashion.root, fashion.cache)
+    out = capsys.readouterr().out
+    assert result["n"] == result["floor_n"] == 120
+    assert f"FD (classifier features, 120 samples vs the 300 test images): {result['fd']:.4g}\n" in out
+    assert f"floor (the same for 120 real training images): {result['fd_floor']:.4g}" in out
+    assert "compare only at equal n" in out
+    assert "FD (classifier features, 300 samples vs the 300 test images)" in fashion.out
+    # why n must match: the same images, fewer of them, score worse
+    assert result["fd"] > fashion.first["fd"] and result["fd_floor"] > fashion.first["fd_floor"]
+
+
+def test_a_classifier_cache_of_nan_weights_is_one_sentence(fashion, tmp_path, capsys):
+    cache, metrics = tmp_path / "cache", tmp_path / "metrics.jsonl"
+    shutil.copytree(fashion.cache, cache)
+    path = cache / os.path.basename(fashion.first["classifier"])
+    saved = torch.load(path, weights_only=True)
+    saved["model"] = {k: v.fill_(float("nan")) if v.is_floating_point() else v
+                      for k, v in saved["model"].items()}
+    torch.save(saved, path)
+    before = path.read_bytes()
+    message = refused([fashion.real, "--dataset", "fashion", "--data-dir", fashion.root, "--device", "cpu",
+                       "--cache-dir", str(cache), "--metrics", str(metrics)], capsys)
+    assert f"the classifier cache {path} holds non-finite weights" in message and "delete it" in message
+    assert path.read_bytes() == before and not metrics.exists()
+
+
 def test_cli_appends_a_metrics_line_matching_its_printout(fashion, tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text('{"earlier": 1}\n')
@@ -206,6 +276,40 @@ def test_bad_input_is_one_sentence_and_writes_nothing(case, fragment, fashion, t
     assert not cache.exists() and not metrics.exists()
 
 
+@pytest.mark.parametrize("case, fragment", [
+    ("samples", "is the samples file"), ("checkpoint.pt", "exists and is not a JSON-lines file"),
+    ("notes.txt", "exists and is not a JSON-lines file")])
+def test_a_metrics_file_that_is_not_json_lines_is_left_alone(case, fragment, fashion, tmp_path, capsys):
+    samples = tmp_path / "s.npz"
+    shutil.copy(fashion.real, samples)
+    metrics = samples if case == "samples" else tmp_path / case
+    if case == "checkpoint.pt":
+        torch.save({"model": {"w": torch.ones(3)}}, metrics)
+    if case == "notes.txt":
+        metrics.write_text("my notes\n")
+    before = metrics.read_bytes()
+    message = refused([str(samples), "--dataset", "fashion", "--data-dir", fashion.root, "--device", "cpu",
+                       "--cache-dir", str(tmp_path / "cache"), "--metrics", str(metrics)], capsys)
+    assert fragment in message and "pass a new path or a .jsonl file" in message
+    assert metrics.read_bytes() == before and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("kind, fragment", [
+    ("folder", "is a folder"), ("device", "is not a regular file (a device or a FIFO)"),
+    ("fifo", "is not a regular file (a device or a FIFO)")])
+def test_samples_that_are_not_a_regular_file_say_what_they_are(kind, fragment, tmp_path, capsys):
+    path = {"folder": tmp_path / "photos", "device": os.devnull, "fifo": tmp_path / "s.npz"}[kind]
+    if kind == "folder":
+        make_image_folder(path, n=2)  # a folder of images, not the npz --save-samples writes
+    if kind == "fifo":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("no FIFOs on this system")
+        os.mkfifo(path)  # opening it for reading would wait for a writer forever
+    message = refused([str(path), "--dataset", "fashion", "--data-dir", str(tmp_path / "data"),
+                       "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert message == f"error: {path} {fragment}; pass the .npz file a script's --save-samples wrote"
+
+
 def test_a_cache_dir_that_is_a_file_is_refused(fashion, tmp_path):
     (tmp_path / "cache").write_text("not a folder")
     with pytest.raises(common.UserError, match="pass a writable --cache-dir"):
@@ -252,17 +356,26 @@ def test_rgb_offline_says_the_inception_weights_need_a_download_once(cifar, monk
     assert not calls
 
 
-@pytest.mark.parametrize("dataset", ["cifar10", "folder"])
-def test_rgb_hands_torch_fidelity_uint8_samples_and_all_real_images(dataset, cifar, monkeypatch, tmp_path):
-    calls = []
-    fake_torch_fidelity(monkeypatch, calls)
+def downloaded_inception_weights(monkeypatch, tmp_path):
+    """A stand-in for the weights file in a fresh torch hub folder, as if fetched once: no download."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     weights = tmp_path / "torch" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"as if downloaded")
+    return weights
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "folder"])
+def test_rgb_hands_torch_fidelity_uint8_samples_and_all_real_images(dataset, cifar, monkeypatch, tmp_path,
+                                                                     capsys):
+    calls = []
+    fake_torch_fidelity(monkeypatch, calls)
+    weights = downloaded_inception_weights(monkeypatch, tmp_path)
     data = cifar[1] if dataset == "cifar10" else make_image_folder(tmp_path / "photos", n=12, size=(48, 40))
     result = evaluate.evaluate(cifar[0], dataset, data)
     assert result["fid"] == 3.5 and result["n"] == 30
+    assert (f"of the 30 samples against the {result['reference_n']} real training images: 3.5 "
+            f"(compare only at equal n)") in capsys.readouterr().out
     assert result["reference_n"] == (100 if dataset == "cifar10" else 12)  # every real training image
     (kwargs,) = calls
     assert kwargs["fid"] is True and kwargs["cuda"] is False
@@ -271,3 +384,19 @@ def test_rgb_hands_torch_fidelity_uint8_samples_and_all_real_images(dataset, cif
     assert len(samples) == 30 and torch.equal(samples[4], torch.from_numpy(np.load(cifar[0])["images"][4]))
     assert len(real) == result["reference_n"]
     assert real[0].dtype == torch.uint8 and real[0].shape == (3, 32, 32)
+
+
+def test_folder_reads_every_image_format_celeba_jit_trains_on(cifar, monkeypatch, tmp_path):
+    calls = []
+    fake_torch_fidelity(monkeypatch, calls)
+    downloaded_inception_weights(monkeypatch, tmp_path)
+    folder = make_image_folder(tmp_path / "photos", n=2)  # a .jpg and a .png
+    pixels = np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    for name in ("a.gif", "b.tif", "c.tiff", "d.BMP", "e.webp"):
+        Image.fromarray(pixels).save(os.path.join(folder, name))
+    (tmp_path / "photos" / "notes.txt").write_text("not an image")
+    result = evaluate.evaluate(cifar[0], "folder", folder)
+    assert result["reference_n"] == 7
+    assert sorted(evaluate.IMAGE_EXTS) == sorted(celeba_jit.IMAGE_EXTS)
+    real = calls[0]["input2"]
+    assert [real[i].shape for i in range(7)] == [(3, 32, 32)] * 7  # each one decodes
