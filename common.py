@@ -109,6 +109,46 @@ def check_seed(args):
     check_range(args, "seed", 0, 2**31 - 1)  # numpy takes seeds below 2**32; the scripts add offsets to it
 
 
+def add_run_flags(p, script, num_samples):
+    """The flags every training script has, with one meaning everywhere."""
+    add = p.add_argument
+    add("--out", default=os.path.join("runs", script), help="output folder")
+    add("--overwrite", action="store_true", help="train afresh in an --out that holds a checkpoint")
+    add("--resume", metavar="CKPT", help="continue the training that wrote CKPT (pass the same flags; "
+        "--epochs may grow)")
+    add("--sample", metavar="CKPT", help="no training: sample this checkpoint (figures into --out)")
+    add("--save-samples", metavar="FILE.npz", help="write --num-samples samples (classes in turn) as .npz for "
+        "evaluate.py, after training or with --sample")
+    add("--num-samples", type=int, default=num_samples, help="samples --save-samples writes, 1 to 1,000,000")
+    add("--device", help="cpu, cuda, cuda:N or mps (unset: the best available)")
+    add("--precision", choices=PRECISIONS, default="auto", help="autocast: auto is bf16 on GPUs of compute "
+        "capability >= 8.0, fp16 with a gradient scaler on older GPUs, fp32 on a CPU")
+    add("--seed", type=int, default=0, help="random seed, 0 to 2**31-1; rank r of torchrun uses seed + r")
+    add("--compile", action="store_true", help="torch.compile the network (slower start, faster steps)")
+    add("--benchmark", action="store_true", help="no training: print training and sampling img/s")
+
+
+def check_run_flags(args):
+    """The checks of add_run_flags' flags and of --epochs, --batch-size and --steps, before any work."""
+    check_finite(args)
+    check_seed(args)
+    check_range(args, "num_samples", 1, 1_000_000)
+    check_range(args, "epochs", 1, 100_000)
+    check_range(args, "batch_size", 1, 1_000_000)
+    check_range(args, "steps", 1, 10_000)
+    get_device(args.device)  # refuses a name that is no device, or one this machine lacks
+    if args.sample and args.resume:
+        raise UserError("pass either --sample CKPT (no training) or --resume CKPT (training), not both")
+    if args.save_samples and not args.save_samples.endswith(".npz"):
+        raise UserError(f"--save-samples {args.save_samples}: pass a file name ending in .npz")
+    if args.save_samples:
+        check_output_file(args.save_samples, "--save-samples", out=args.out)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if not (args.sample or args.benchmark) and args.batch_size and args.batch_size % world:
+        raise UserError(f"--batch-size {args.batch_size} (the global batch) must divide evenly over the "
+                        f"{world} processes")
+
+
 # --------------------------------------------------------------------------------- output folders
 def prepare_out(path):
     """Create the output folder, make sure we can write into it before any work starts, and remove the temp
@@ -164,7 +204,12 @@ def lock_out(folder):
     --out. The OS releases it when the process ends, even when it is killed."""
     import fcntl  # Unix only: imported here so that importing common works everywhere
 
-    f = open(os.path.join(folder, ".lock"), "a+")
+    path = os.path.join(folder, ".lock")
+    try:  # O_NOFOLLOW: a .lock that is a link to another file is refused, not written through
+        f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+    except OSError as e:
+        raise UserError(f"cannot open the lock file {path} ({e.strerror}; a link or a folder?); "
+                        f"remove it or pass another --out")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -236,13 +281,19 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def choose_precision(flag, device_type, capability=None):
     """auto: bf16 on GPUs with native bf16 (compute capability >= 8.0: A100, L4, H100, RTX 30xx and newer),
-    fp16 with a gradient scaler on older GPUs (T4, V100: bf16 there is emulated or refused), fp32 on CPU and
-    MPS."""
-    if flag != "auto":
-        return flag
-    if device_type != "cuda":
-        return "fp32"
-    return "bf16" if capability >= (8, 0) else "fp16"
+    fp16 with a gradient scaler on older GPUs (T4, V100), fp32 on CPU and MPS. fp16 needs CUDA (on a CPU it
+    is unsupported or very slow); bf16 on a GPU needs native support (emulated, it is slower than fp16)."""
+    if flag == "auto":
+        if device_type != "cuda":
+            return "fp32"
+        return "bf16" if capability >= (8, 0) else "fp16"
+    if flag == "fp16" and device_type != "cuda":
+        raise UserError(f"--precision fp16 needs a CUDA GPU (half precision on {device_type} is unsupported "
+                        f"or very slow); use --precision fp32 or bf16")
+    if flag == "bf16" and device_type == "cuda" and capability < (8, 0):
+        raise UserError(f"--precision bf16 needs a GPU with native bf16 (compute capability 8.0+; this one "
+                        f"has {capability[0]}.{capability[1]}); use --precision fp16")
+    return flag
 
 
 def precision_for(flag, device, log=print):
@@ -254,8 +305,6 @@ def precision_for(flag, device, log=print):
         note += " (autocast; weights and checkpoints stay fp32)"
     if precision == "fp16":
         note += " with a gradient scaler"
-    if precision == "bf16" and capability is not None and capability < (8, 0):
-        note += "; this GPU has no native bf16, so it is emulated and slow: --precision fp16 is faster"
     log(f"precision: {precision}{note}")
     return precision
 
@@ -291,13 +340,17 @@ def setup_ddp(device_name=None):
 
 def rank0_first(load, rank, world):
     """load() on rank 0 first (it may download or build a cache), then on the other ranks, which wait in
-    the broadcast: a UserError on rank 0 is raised on every rank, so none waits for it forever."""
+    the broadcast. Any failure on rank 0 (bad input, a full disk, Ctrl-C) is sent to every rank, so none
+    waits for it until the process group times out."""
     error, result = [None], None
     try:
         if rank == 0:
             result = load()
-    except UserError as e:
-        error[0] = str(e)
+    except BaseException as e:
+        error[0] = str(e) if isinstance(e, UserError) else f"rank 0 stopped ({type(e).__name__}: {e})"
+        if world > 1:
+            dist.broadcast_object_list(error, src=0)
+        raise
     if world > 1:
         dist.broadcast_object_list(error, src=0)
     if error[0]:
@@ -497,8 +550,13 @@ def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None, t
     return out
 
 
+def save_image(img, path, **kwargs):
+    """A PIL image written atomically: a kill mid-write never leaves a truncated figure."""
+    atomic_write(path, lambda tmp: img.save(tmp, **kwargs))
+
+
 def save_grid(images, path, nrow, **kwargs):
-    grid_image(images, nrow, **kwargs).save(path)
+    save_image(grid_image(images, nrow, **kwargs), path)
 
 
 def save_gif(frames, path, nrow, scale=1, ms_per_frame=80, title=None):
@@ -506,15 +564,7 @@ def save_gif(frames, path, nrow, scale=1, ms_per_frame=80, title=None):
     imgs = [grid_image(f, nrow, scale=scale, title=title).convert("P", palette=Image.ADAPTIVE)
             for f in frames]
     durations = [ms_per_frame] * (len(imgs) - 1) + [1000]
-    imgs[0].save(path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
-
-
-def save_samples_npz(path, images, labels):
-    """Samples for evaluation (evaluate.py, FID): `images` uint8 (N, C, H, W), `labels` int64 (N,),
-    -1 = unconditional."""
-    pixels = to_uint8(images).numpy()
-    labels = np.asarray(labels, dtype=np.int64)
-    atomic_write(path, lambda tmp: np.savez(tmp, images=pixels, labels=labels))
+    save_image(imgs[0], path, save_all=True, append_images=imgs[1:], duration=durations, loop=0)
 
 
 # ------------------------------------------------------------------------------------------- plots
@@ -559,8 +609,7 @@ def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss
     d.text((6, T - 20), ylabel + (" (log scale)" if log_y else ""), fill="black", font=f)
     d.text(((L + W - R) // 2, H - 6), xlabel, fill="black", font=f, anchor="mb")
     if not series:
-        img.save(path)
-        return
+        return save_image(img, path)
     g = math.log10 if log_y else (lambda v: v)
     all_x = [x for s in series.values() for x, _ in s]
     all_y = [g(y) for s in series.values() for _, y in s]
@@ -596,22 +645,31 @@ def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss
             pts = list(zip([x for x, _ in pts][window - 1:], ys))  # each mean drawn at its window's last x
         d.line([(px(x), py(y)) for x, y in pts], fill=colour, width=2)
         d.text((W - R - 8, T + 8 + 16 * k), name, fill=colour, font=f, anchor="ra")
-    img.save(path)
+    save_image(img, path)
 
 
 # ------------------------------------------------------------------------------------- checkpoints
-TEMP = re.compile(r"\.tmp-(\d+)")  # the mark of atomic_write's temp files: name.tmp-PID[.ext]
+# atomic_write's temps, and only them: .NAME.tmp-PID + NAME's own extension (np.savez and PIL need it)
+TEMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?P<ext>\.[^.]*)?")
 
 
 def atomic_write(path, write):
-    """write(tmp) to a temp file beside `path`, then rename it over `path`: a crash or a kill never leaves a
-    half-written file at `path`. The temp is removed on every exit Python controls (errors, a full disk,
-    Ctrl-C, SIGTERM); prepare_out removes those a SIGKILL left."""
-    # the temp keeps the extension of `path`, or np.savez would add .npz to its name
-    tmp = f"{path}.tmp-{os.getpid()}{os.path.splitext(path)[1]}"
+    """write(tmp) to a temp file beside `path`, then rename it over `path`: a crash, a kill or a power loss
+    never leaves a half-written file at `path` (the data is synced before the rename, the rename after). The
+    temp is removed on every exit Python controls (errors, a full disk, Ctrl-C, SIGTERM); prepare_out
+    removes those a SIGKILL left."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")
     try:
         write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         reason = getattr(e, "strerror", None) or e
         raise UserError(f"could not write {path} ({reason}); the previous file is kept; "
@@ -622,10 +680,12 @@ def atomic_write(path, write):
 
 
 def remove_stale_temps(folder):
-    """Remove the temp files of processes that no longer exist (killed during a write)."""
+    """Remove the temps of atomic_write whose process no longer exists (killed during a write)."""
     for name in os.listdir(folder):
-        match = TEMP.search(name)
-        if match and not pid_alive(int(match.group(1))):
+        match = TEMP.fullmatch(name)
+        if not match or (match["ext"] or "") != os.path.splitext(match["name"])[1]:
+            continue
+        if not pid_alive(int(match["pid"])):
             try:
                 os.remove(os.path.join(folder, name))
             except OSError:
@@ -758,20 +818,236 @@ def format_time(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-# ------------------------------------------------------------------------------ sampling over ranks
+# ------------------------------------------------------------------------------------ the training run
 def rank_and_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def gather_chunks(chunks):
-    """chunks: {index: uint8 array} that this rank made (each rank a share of the indices). Rank 0 returns all
-    of them concatenated in index order, so the result equals a one-process run; the other ranks return
-    None."""
+def wrap_ddp(model):
+    """DistributedDataParallel under torchrun (it broadcasts rank 0's weights to every rank), else the model."""
+    if rank_and_world()[1] == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+
+class Run:
+    """What a training loop needs around its method, written once for the three training scripts:
+
+        run = common.Run(SCRIPT, args, TRAINING_KEYS)   # --out and --resume checked before any work
+        data = run.load(lambda: load_data(...))         # rank 0 first, holding the --out lock
+        run.restore(model=net, ema=ema, optimizer=opt)  # from --resume: the states and every rank's RNG
+        for epoch in run.epochs(epochs, steps_per_epoch, batch_size):
+            for i in range(steps_per_epoch):
+                ...one training step...
+                run.log(loss, lr)                       # progress, metrics.jsonl, non-finite check
+            run.save()                                  # the checkpoint, atomically, with a checksum
+
+    The checkpoint <out>/<name>.pt holds script, config (the flags), each restored object's state dict, epoch,
+    step, every rank's RNG state, the loss of every step (averaged over ranks), and the `extra` of save()."""
+
+    def __init__(self, script, args, must_match, name="last", outputs=(), log_every=50, label=None,
+                 metrics=None):
+        self.script = script
+        self.config = vars(args)
+        self.rank, self.world = rank_and_world()
+        self.out = args.out
+        self.path = os.path.join(args.out, f"{name}.pt")
+        self.log_every = log_every
+        self.label = label  # shown in the progress line and written in metrics.jsonl (mnist's runs)
+        self.ckpt = load_checkpoint(args.resume, script, self.config, must_match) if args.resume else None
+        check_fresh_run(self.path, args.resume, args.overwrite, script)
+        for file in (f"{name}.pt", "metrics.jsonl", ".lock", *outputs):
+            path = os.path.join(args.out, file)
+            if os.path.lexists(path) and not os.path.isfile(path):
+                raise UserError(f"{path} exists and is not a file (a folder?), but this run writes it; "
+                                f"remove it or pass another --out")
+        prepare_out(args.out)  # on every rank: a bad --out stops each of them, none waits for the others
+        fresh = self.ckpt is None and metrics is None
+        self.metrics = metrics or Metrics(os.path.join(args.out, "metrics.jsonl"), fresh)
+        self.epoch = 0  # epochs done
+        self.step = 0
+        self.losses = []
+        self.pending = []  # the last steps' losses, kept on the device until log_every of them
+        self.states = {}
+
+    def load(self, load):
+        """load() on rank 0 first (downloads, caches), with the --out lock taken inside it: when another run
+        holds the lock, every rank stops with the same message."""
+        def lock_and_load():
+            if self.rank == 0:
+                lock_out(self.out)
+            return load()
+        return rank0_first(lock_and_load, self.rank, self.world)
+
+    def restore(self, **states):
+        """Remember the objects save() writes (model=, ema=, optimizer=, ...; None for one a run lacks) and,
+        on --resume, load their states and this rank's RNG streams from the checkpoint."""
+        self.states = states
+        if self.ckpt is None:
+            return
+        for key, obj in states.items():
+            if key not in self.ckpt:
+                raise UserError(f"{self.config['resume']} holds no {key} state (written by another version of "
+                                f"{self.script}.py?); pass a checkpoint of this version or start afresh")
+            if obj is None or not self.ckpt[key]:  # an fp16 scaler saves {} when it is off
+                continue
+            try:
+                obj.load_state_dict(self.ckpt[key])
+            except (RuntimeError, ValueError, KeyError, TypeError) as e:
+                reason = " ".join(str(e).split())[:200]
+                raise UserError(f"the {key} of {self.config['resume']} does not fit this run ({reason}); "
+                                f"pass the flags it was trained with, or another checkpoint")
+        self.epoch = self.ckpt["epoch"]
+        self.step = self.ckpt["step"]
+        self.losses = list(self.ckpt["losses"])
+        # saved by another number of processes, each rank starts a fresh stream
+        set_rank_rng_state(self.ckpt["rng"], self.config["seed"] + 1000 * self.step)
+
+    def epochs(self, epochs, steps_per_epoch, batch_size):
+        """The indices of the epochs still to train (epochs done before each), with progress and timing."""
+        if self.ckpt is not None and self.epoch >= epochs:
+            raise UserError(f"{self.config['resume']} has trained {self.epoch} epochs already, so --epochs "
+                            f"{epochs} leaves nothing to do; pass a larger --epochs")
+        if steps_per_epoch < 1:
+            raise UserError(f"the training data holds fewer images than --batch-size {batch_size}; pass a "
+                            f"smaller --batch-size")
+        self.steps_per_epoch = steps_per_epoch
+        self.batch_size = batch_size
+        prefix = f"[{self.label}] step" if self.label else "step"
+        self.progress = Progress(epochs * steps_per_epoch, self.step, prefix=prefix, enabled=self.rank == 0)
+        self.total_epochs = epochs
+        for epoch in range(self.epoch, epochs):
+            self.started = time.time()
+            yield epoch
+
+    def log(self, loss, lr):
+        """After each step. Every log_every steps (one sync) the losses are averaged over the ranks, checked
+        and written to metrics.jsonl: a NaN stops the run before a checkpoint of it replaces a good one."""
+        self.step += 1
+        self.lr = lr
+        loss = loss.detach()
+        self.pending.append(loss)
+        if len(self.pending) == self.log_every:
+            self.flush()
+        self.progress.update(self.step, self.batch_size, epoch=f"{self.epoch + 1}/{self.total_epochs}", loss=loss)
+
+    def flush(self):
+        group = torch.stack(self.pending).float()
+        self.pending = []
+        if self.world > 1:
+            dist.all_reduce(group)
+        group = (group / self.world).tolist()
+        for i, value in enumerate(group):
+            if not math.isfinite(value):
+                raise UserError(f"the loss became {value} at step {self.step - len(group) + i + 1}, so training "
+                                f"stopped before writing a checkpoint of it; try a lower --lr or --precision fp32")
+        self.losses += group
+        self.write_metrics(step=self.step, loss=sum(group) / len(group))
+
+    def write_metrics(self, **fields):
+        """A line of metrics.jsonl (rank 0) about the epoch in progress."""
+        if self.rank == 0:
+            run = {"run": self.label} if self.label else {}
+            self.metrics.log(**run, **fields, epoch=self.epoch + 1, lr=self.lr)
+
+    def save(self, **extra):
+        """The end of an epoch: every rank's RNG is gathered, then rank 0 writes the checkpoint and the
+        epoch's line of metrics.jsonl."""
+        if self.pending:
+            self.flush()
+        seconds = time.time() - self.started
+        rngs = all_rng_states()
+        if self.rank == 0:
+            states = {key: None if obj is None else obj.state_dict() for key, obj in self.states.items()}
+            save_checkpoint(self.path, {"script": self.script, "config": self.config, **states, **extra,
+                                        "epoch": self.epoch + 1, "step": self.step, "rng": rngs,
+                                        "losses": self.losses})
+            mean = sum(self.losses[-self.steps_per_epoch:]) / self.steps_per_epoch
+            img_per_s = self.steps_per_epoch * self.batch_size / seconds
+            self.write_metrics(loss=mean, img_per_s=round(img_per_s, 1), seconds=round(seconds, 2))
+        self.epoch += 1
+
+    def plot_loss(self, path, title, curves=None):
+        """The loss of every step (or other curves), with a mark at every epoch (at most about ten)."""
+        every = max(1, self.epoch // 10)
+        marks = [(e * self.steps_per_epoch, f"epoch {e}") for e in range(every, self.epoch, every)]
+        plot_curves(path, curves or {"loss": self.losses}, title=title, marks=marks)
+
+
+# ---------------------------------------------------------------------------------- samples for scoring
+def sample_noise(seed, j, shape):
+    """The starting noise of sample j, from its own generator: a set of samples depends on (seed, j) alone,
+    not on the batch size or the number of ranks. torch's CPU generator keeps only 32 bits of a seed, so
+    numpy's SeedSequence hashes (seed, j) into them."""
+    state = np.random.SeedSequence([seed, j]).generate_state(1)[0]
+    return torch.randn(shape, generator=torch.Generator().manual_seed(int(state)))
+
+
+def save_samples(path, sample, n, batch, shape, labels, seed, evaluate_args):
+    """n samples as an .npz for evaluate.py: `images` uint8 (n, C, H, W) and `labels` (-1: unconditional).
+    sample(noise, y) -> images in [-1, 1] (y None when unconditional). Chunk i of `batch` samples is made by
+    rank i % world, so any number of ranks writes the file of one process; rank 0 gathers and writes it."""
     rank, world = rank_and_world()
+    labels = np.asarray(labels, dtype=np.int64)
+    progress = Progress(n, prefix="sampling", enabled=rank == 0)
+    chunks = {}
+    for i, start in enumerate(range(0, n, batch)):
+        if i % world != rank:
+            continue
+        js = range(start, min(n, start + batch))
+        noise = torch.stack([sample_noise(seed, j, shape) for j in js])
+        y = torch.from_numpy(labels[start:start + len(js)]) if labels[0] >= 0 else None
+        chunks[i] = to_uint8(sample(noise, y)).numpy()
+        progress.update(min(n, (i + world) * batch), len(js) * world)  # all ranks' work, as rank 0 sees it
     if world > 1:
         everyone = [None] * world
         dist.all_gather_object(everyone, chunks)
-        chunks = {k: v for part in everyone for k, v in part.items()}
-    return np.concatenate([chunks[k] for k in sorted(chunks)]) if rank == 0 else None
+        chunks = {i: chunk for part in everyone for i, chunk in part.items()}
+    if rank != 0:
+        return
+    images = np.concatenate([chunks[i] for i in sorted(chunks)])
+    atomic_write(path, lambda tmp: np.savez(tmp, images=images, labels=labels))
+    print(f"wrote {n} samples to {path}; score them with: python evaluate.py {path} {evaluate_args}",
+          flush=True)
+
+
+# ------------------------------------------------------------------------------ benchmark and estimate
+def seconds_per_call(fn, device, calls=3):
+    """The best time of `calls` calls of fn after a first one that warms up (allocator, compilation)."""
+    times = []
+    for _ in range(calls + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def benchmark(rows, device, calls=3, log=print):
+    """rows: {name: (train_step, sample, images)}: a training step and a sampling call (None: not timed),
+    each on `images` images. Prints img/s of each and returns {name: (train img/s, sample img/s)}."""
+    log(f"device {device}, {torch.get_num_threads()} threads, best of {calls} calls after a warm-up")
+    log("| model | train img/s | sample img/s |")
+    log("|---|---|---|")
+    speeds = {}
+    for name, (train_step, sample, images) in rows.items():
+        train = images / seconds_per_call(train_step, device, calls)
+        made = images / seconds_per_call(sample, device, calls) if sample else None
+        speeds[name] = (train, made)
+        log(f"| {name} | {train:.1f} | {'-' if made is None else f'{made:.1f}'} |")
+    return speeds
+
+
+def estimate_time(train_step, total_steps, advice, log=print):
+    """A GPU-sized recipe on a CPU: time two steps (the RNG streams stay untouched) and say how long the
+    whole run would take here. train_step must work on a copy of the model."""
+    log("timing 2 steps to estimate the run time on this CPU...")
+    with torch.random.fork_rng(devices=[]):
+        seconds = seconds_per_call(train_step, torch.device("cpu"), calls=1)
+    log(f"note: this recipe is sized for a GPU: its {total_steps:,} steps would take about "
+        f"{format_time(seconds * total_steps)} on this CPU; {advice}")

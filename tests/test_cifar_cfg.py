@@ -1,6 +1,8 @@
 """Tests for cifar_cfg.py: parity with diffusers' UNet2DModel, the loss, the samplers, CFG, EMA, precisions, learning,
 and the CLI (CIFAR-10 and 28 px Fashion-MNIST end to end, resume, compile, torchrun DDP and sampling, metrics, help,
 interrupts, bad input). Tiny widths (--channels 32 32 32 32) and a few images keep it fast on a CPU."""
+import copy
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +30,22 @@ FIGURES = ["last.pt", "loss.png", "classes.png", "guidance.png", "sampling.gif",
 
 
 # ------------------------------------------------------------------------------------- the network
+class DiffusersUNet(torch.nn.Module):
+    """The write-up's diffusers UNet2DModel behind our forward(x, t, y): the reference of the parity tests."""
+
+    def __init__(self, channels=cifar_cfg.WRITEUP_CHANNELS, image_channels=3):
+        super().__init__()
+        from diffusers import UNet2DModel
+        self.unet = UNet2DModel(
+            sample_size=cifar_cfg.RES, in_channels=image_channels, out_channels=image_channels, layers_per_block=2,
+            block_out_channels=tuple(channels), num_class_embeds=cifar_cfg.NULL + 1,
+            down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"))
+
+    def forward(self, x, t, y):
+        return self.unet(x, t * 1000, class_labels=y).sample
+
+
 def diffusers_to_ours(state):
     """diffusers UNet2DModel state-dict keys -> cifar_cfg.UNet keys; to_q/to_k/to_v are stacked into qkv."""
     rules = [(r"^time_embedding\.linear_1", "time_embed.0"), (r"^time_embedding\.linear_2", "time_embed.2"),
@@ -55,7 +73,7 @@ def diffusers_to_ours(state):
 def test_parity_with_diffusers_unet2dmodel(channels, image_channels, n_params):
     pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    theirs = cifar_cfg.DiffusersUNet(channels, image_channels).eval()
+    theirs = DiffusersUNet(channels, image_channels).eval()
     ours = cifar_cfg.UNet(channels, image_channels).eval()
     n_ours, n_theirs = (sum(p.numel() for p in m.parameters()) for m in (ours, theirs))
     assert n_ours == n_theirs == (n_params or n_theirs)
@@ -199,12 +217,26 @@ def test_cpu_estimate_times_a_copy_and_leaves_the_run_untouched(capsys):
     net = cifar_cfg.UNet([32, 32, 32, 32])
     weights = {k: v.clone() for k, v in net.state_dict().items()}
     rng = torch.get_rng_state()
-    cifar_cfg.estimate_cpu_time(net, x[:4], y[:4], 0.1, 1.0, "fp32", total_steps=19_550)
+    trial = copy.deepcopy(net)  # as train() does
+    scaler = common.grad_scaler(torch.device("cpu"), "fp32")
+    step = functools.partial(cifar_cfg.train_step, trial, torch.optim.AdamW(trial.parameters()), scaler, x[:4], y[:4],
+                             0.1, 1.0, "fp32")
+    common.estimate_time(step, total_steps=19_550, advice="for a CPU run pass --quick")
     first, note = capsys.readouterr().out.splitlines()
-    assert first == "timing 2 steps to estimate the run time..."
-    assert "19,550 steps would take about" in note and cifar_cfg.CPU_RUN in note
+    assert first == "timing 2 steps to estimate the run time on this CPU..."
+    assert "19,550 steps would take about" in note and note.endswith("for a CPU run pass --quick")
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(weights[k], v) for k, v in net.state_dict().items())
+    assert not all(torch.equal(weights[k], v) for k, v in trial.state_dict().items())  # the copy did train
+
+
+def test_quick_is_the_cpu_recipe_and_an_explicit_flag_wins():
+    args = cifar_cfg.parse_args(["--quick", "--dataset", "fashion"])
+    assert (args.channels, args.epochs, args.batch_size, args.lr, args.warmup, args.ema_decay) == (
+        [32, 32, 64, 64], 1, 64, 1e-3, 100, 0.995)
+    assert cifar_cfg.parse_args(["--quick", "--epochs", "3", "--lr", "5e-4"]).epochs == 3
+    assert cifar_cfg.parse_args(["--quick", "--lr", "5e-4"]).lr == 5e-4
+    assert cifar_cfg.parse_args([]).channels == [64, 128, 256, 256]
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -548,6 +580,9 @@ def bad_cases():
         ("num-samples-0", flag("--num-samples", "0"), ["--num-samples"]),
         ("device-gpu", flag("--device", "gpu"), ["--device gpu"]),
         ("classes-out-of-range", flag("--classes", "2", "10"), ["--classes", "0 to 9"]),
+        ("channels-too-wide", flag("--channels", "32", "32", "32", "32000000000"), ["--channels", "4096"]),
+        ("batch-larger-than-the-data", flag("--batch-size", "64"), ["fewer images than --batch-size 64"]),
+        ("epochs-absurd", flag("--epochs", str(10**30)), ["--epochs", "100,000"]),
         ("channels-not-multiple-of-32", flag("--channels", "48", "64", "64", "64"), ["multiples of 32"]),
         ("save-samples-in-missing-folder", flag("--save-samples", "/nonexistent/dir/s.npz"), ["--save-samples"]),
         ("save-samples-is-a-directory", save_samples_dir, ["--save-samples", "not a regular file"]),
@@ -584,6 +619,15 @@ def test_bad_input_is_one_sentence_exit_2_and_overwrites_nothing(trained, tmp_pa
     assert not (tmp_path / "new" / "last.pt").exists()  # nothing trained, no NaN checkpoint written
 
 
+def test_a_warmup_longer_than_the_run_is_named_at_the_start(trained, tmp_path, capsys):
+    root = trained[0]
+    r = run_inprocess(capsys, "--data-dir", root / "data", "--out", tmp_path, *TINY, "--epochs", "1", "--warmup", "5")
+    assert r.returncode == 0, r.stderr
+    assert "note: --warmup 5 is longer than the run's 2 steps, so the learning rate never reaches --lr" in r.stdout
+    assert "note: --warmup" not in run_inprocess(capsys, "--data-dir", root / "data", "--out", tmp_path / "b", *TINY,
+                                                 "--epochs", "1").stdout  # TINY's --warmup 2 fits in 2 steps
+
+
 def test_overwrite_starts_a_fresh_run_in_a_used_out(trained, tmp_path, capsys):
     root, out, _ = trained
     shutil.copytree(out, tmp_path / "run")
@@ -595,30 +639,45 @@ def test_overwrite_starts_a_fresh_run_in_a_used_out(trained, tmp_path, capsys):
 
 
 def test_benchmark_times_ours_next_to_diffusers(capsys, monkeypatch):
+    """The write-up's diffusers UNet2DModel and ours through the shared benchmark, one training step and one
+    sampling call each, after a warm-up."""
     pytest.importorskip("diffusers")
     calls = {"ours": 0, "diffusers": 0}
-    for name, cls in (("ours", cifar_cfg.UNet), ("diffusers", cifar_cfg.DiffusersUNet)):
+    for name, cls in (("ours", cifar_cfg.UNet), ("diffusers", DiffusersUNet)):
         def counted(self, *a, _forward=cls.forward, _name=name):
             calls[_name] += 1
             return _forward(self, *a)
         monkeypatch.setattr(cls, "forward", counted)
+    device = torch.device("cpu")
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    rows = {}
+    for name, net in (("ours", cifar_cfg.UNet([32, 32, 32, 32])), ("diffusers", DiffusersUNet([32, 32, 32, 32]))):
+        opt = torch.optim.AdamW(net.parameters())
+        scaler = common.grad_scaler(device, "bf16")
+        step = functools.partial(cifar_cfg.train_step, net, opt, scaler, x, y, 0.1, 1.0, "bf16")
+        sample = functools.partial(cifar_cfg.generate, net, x, y, 2.0, 1, "euler", "bf16")
+        rows[name] = (step, sample, 2)
+    speeds = common.benchmark(rows, device, calls=1)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "| model | train img/s | sample img/s |" and len(lines) == 5
+    assert set(speeds) == {"ours", "diffusers"} and all(v > 0 for s in speeds.values() for v in s)
+    assert calls == {"ours": 4, "diffusers": 4}  # warm-up and 1 timed call: a training step and a sampling step each
+
+
+def test_benchmark_prints_eager_img_per_s(capsys):
     args = cifar_cfg.validate(cifar_cfg.parse_args(["--benchmark", "--channels", "32", "32", "32", "32",
                                                     "--batch-size", "2", "--steps", "3", "--precision", "bf16"]))
-    cifar_cfg.benchmark(args, torch.device("cpu"), rounds=1)
+    speeds = cifar_cfg.benchmark(args, torch.device("cpu"))
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split("  ")[0]: line.split()[-2:] for line in lines if line.startswith(("ours (", "diffusers"))}
-    assert set(rows) == {"ours (cifar_cfg.UNet)", "diffusers UNet2DModel"}
-    assert all(float(v) > 0 for r in rows.values() for v in r)
-    assert lines[0].startswith("precision: bf16") and "bf16, batch 2" in lines[1]
-    assert "ours / diffusers speed: training x" in lines[-1]
-    assert calls == {"ours": 4, "diffusers": 4}  # warm-up and 1 timed round: a training step and a sampling step each
+    assert lines[0].startswith("precision: bf16") and "bf16, batch 2; sampling: 3 euler steps" in lines[1]
+    assert set(speeds) == {"eager"} and all(v > 0 for v in speeds["eager"])
+    assert next(line for line in lines if line.startswith("| eager |"))
 
 
 @pytest.mark.slow
 def test_benchmark_with_compile_times_eager_and_compiled(capsys):
     args = cifar_cfg.validate(cifar_cfg.parse_args(["--benchmark", "--compile", *TINY]))
-    cifar_cfg.benchmark(args, torch.device("cpu"), rounds=1)
+    speeds = cifar_cfg.benchmark(args, torch.device("cpu"))
     lines = capsys.readouterr().out.splitlines()
-    row = next(line for line in lines if line.startswith("ours, torch.compile"))
-    assert float(row.split()[-2]) > 0 and float(row.split()[-1]) > 0
-    assert lines[-1].startswith("compiled / eager speed: training x")
+    assert set(speeds) == {"eager", "compiled"} and all(v > 0 for s in speeds.values() for v in s)
+    assert lines[-1].startswith("| compiled |")
