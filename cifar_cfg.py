@@ -1,28 +1,24 @@
 """Class-conditional flow matching with classifier-free guidance (CFG) on CIFAR-10, MNIST or Fashion-MNIST,
-on a hand-written copy of the diffusers UNet2DModel of the source write-up ("Diffusion & Flow Matching
-Part 11: Building an Image Generator").
+on a hand-written copy of the diffusers UNet2DModel of the write-up "Diffusion & Flow Matching Part 11:
+Building an Image Generator".
 
-The recipe (defaults): path x_t = t*x + (1-t)*eps, t ~ U[0, 1] (t=0 noise, t=1 data), velocity target
-x - eps, MSE; labels dropped per sample to a null class (index 10) with probability 0.1; AdamW 2e-4,
-gradient clip 1.0, batch 128, 50 epochs of CIFAR-10; Euler on the write-up's grid linspace(0, 1, 50)
-(49 steps) with guidance u = u_uncond + w * (u_cond - u_uncond), w = 2, both halves in one forward.
-Beyond the write-up, as TorchCFM / EDM / JiT do: an EMA of the weights (sampled unless --raw-weights),
-random horizontal flips (CIFAR-10 only), a linear LR warm-up, and Heun as a second solver. MNIST and
-Fashion-MNIST (28 px, grey) are padded to 32 px and train the same network with one channel.
+The recipe (defaults): x_t = t*x + (1-t)*eps, t ~ U[0, 1] (t=0 noise, t=1 data), velocity target x - eps,
+MSE; labels dropped to a null class (10) with probability 0.1; AdamW 2e-4, gradient clip 1, batch 128,
+50 epochs; Euler on the write-up's grid linspace(0, 1, 50) with u = u_uncond + w * (u_cond - u_uncond),
+w = 2, both halves in one forward. Beyond the write-up, as TorchCFM / EDM / JiT: an EMA of the weights,
+flips of CIFAR-10, a linear LR warm-up, and Heun. 28 px MNIST and Fashion-MNIST are padded to 32 px.
 
     python cifar_cfg.py --data-dir data                        # the write-up's recipe (a GPU)
     python cifar_cfg.py --quick --dataset fashion              # the CPU recipe (see --quick)
     torchrun --nproc_per_node=4 cifar_cfg.py --data-dir data   # the same global batch over 4 GPUs
     python cifar_cfg.py --sample runs/cifar_cfg/last.pt --cfg 4 --save-samples s.npz
-    python cifar_cfg.py --resume runs/cifar_cfg/last.pt --epochs 100
-In a notebook (MNIST/Fashion models take noise of 1 channel and give 32 px: crop to 28 with crop()):
+In a notebook (MNIST/Fashion models: noise of 1 channel; crop() gives their 28 px):
     model, config = load_model("runs/cifar_cfg/last.pt")
     images = generate(model, torch.randn(10, 3, 32, 32), torch.arange(10), cfg=2.0, steps=49)
 """
 import argparse
 import copy
 import functools
-import itertools
 import math
 import os
 
@@ -88,11 +84,9 @@ def generate(model, noise, y, cfg, steps, solver="euler", precision="fp32", on_s
     cfg: the guidance scale w, a number or one per sample."""
     device = next(model.parameters()).device
     y = y.to(device)
-
-    def velocity(x_t, t):
-        return guided_velocity(model, x_t, t, y, cfg)
     with common.autocast(device, precision):
-        x = ode_solve(velocity, noise.to(device), steps, solver, on_step)
+        x = ode_solve(lambda x_t, t: guided_velocity(model, x_t, t, y, cfg), noise.to(device), steps, solver,
+                      on_step)
     return x.clamp(-1, 1)
 
 
@@ -272,62 +266,58 @@ def train(args, device, precision, sampling):
             x = images[idx].float().div_(127.5).sub_(1).contiguous(memory_format=layout)
             if flip:
                 x = torch.where(torch.rand(len(x), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-            loss = train_step(model, opt, scaler, x, labels[idx], args.label_dropout, args.grad_clip, precision)
+            y = labels[idx]
+            loss = train_step(model, opt, scaler, x, y, args.label_dropout, args.grad_clip, precision)
             sched.step()
             ema_update(ema, net, args.ema_decay)
             run.log(loss, opt.param_groups[0]["lr"])
         run.save(image_shape=shape)
         if rank == 0:
-            run.plot_loss(os.path.join(args.out, "loss.png"), f"{TITLES[args.dataset]}: training loss per step")
-            write_figures(sampler, args.out, args.dataset, shape, args.classes or range(NULL), args.seed,
-                          sampling)
+            run.plot_loss(os.path.join(args.out, "loss.png"), f"{TITLES[args.dataset]}: loss per step")
+            write_figures(sampler, args, args.dataset, shape, sampling)
     if args.save_samples:
         write_samples(sampler, args, shape, args.dataset, sampling)
     return net
 
 
 # ----------------------------------------------------------------------------------------- figures
-def write_figures(model, out, dataset, shape, classes, seed, sampling):
-    """classes.png: one row per class (10 samples each); guidance.png: the same noise at w = 0, 1, 2, 4, 8;
-    sampling.gif: x_t along the ODE for the class grid, from the noise to the samples."""
-    classes = torch.tensor(classes)
+def write_figures(model, args, dataset, shape, sampling):
+    """classes.png: one row per class of --classes (10 samples each); guidance.png: the same noise at w = 0,
+    1, 2, 4, 8; sampling.gif: x_t along the ODE for the class grid, from the noise to the samples."""
+    classes = torch.tensor(args.classes or range(NULL))
+    out = args.out
+    seed = args.seed
     names = [common.CLASS_NAMES[dataset][c] for c in classes]
     steps = sampling["steps"]
     what = f"{TITLES[dataset]}, {steps} {sampling['solver']} steps"
-    progress = common.Progress(2 * steps, prefix="figures: ODE step")
-    done = itertools.count(1)
     noise = torch.randn(10 * len(classes), shape[0], RES, RES, generator=torch.Generator().manual_seed(seed))
     frames = [noise]
-
-    def record(x):
-        frames.append(x.cpu())
-        progress.update(next(done), len(x) / steps)
-    grid = generate(model, noise, classes.repeat_interleave(10), **sampling, on_step=record)
+    grid = generate(model, noise, classes.repeat_interleave(10), **sampling, on_step=frames.append)
     common.save_grid(crop(grid, shape), os.path.join(out, "classes.png"), nrow=10, scale=2, row_labels=names,
                      title=f"{what}, w={sampling['cfg']:g}")
     keep = frames[::max(1, len(frames) // 24)][:-1] + frames[-1:]  # at most ~25 frames, always the last
-    common.save_gif([crop(f, shape).clamp(-1, 1) for f in keep], os.path.join(out, "sampling.gif"), nrow=10,
-                    title=f"{what}, w={sampling['cfg']:g}: x_t from t=0 to 1")
+    frames = [crop(f.cpu(), shape).clamp(-1, 1) for f in keep]
+    title = f"{what}, w={sampling['cfg']:g}: x_t from t=0 to 1"
+    common.save_gif(frames, os.path.join(out, "sampling.gif"), nrow=10, title=title)
     per_w, k = 2, len(GUIDANCE_SWEEP)  # rows: classes; columns: per_w samples at each w, same noise at each w
     noise = torch.randn(len(classes), 1, per_w, shape[0], RES, RES,
                         generator=torch.Generator().manual_seed(seed + 1))
     noise = noise.expand(-1, k, -1, -1, -1, -1).reshape(-1, shape[0], RES, RES)
     w = torch.tensor(GUIDANCE_SWEEP, dtype=torch.float32).repeat_interleave(per_w).repeat(len(classes))
-    sweep = generate(model, noise, classes.repeat_interleave(k * per_w), **dict(sampling, cfg=w),
-                     on_step=lambda x: progress.update(next(done), len(x) / steps))
+    sweep = generate(model, noise, classes.repeat_interleave(k * per_w), **dict(sampling, cfg=w))
     cols = [f"w={g}" if j == 0 else "" for g in GUIDANCE_SWEEP for j in range(per_w)]
     common.save_grid(crop(sweep, shape), os.path.join(out, "guidance.png"), nrow=k * per_w, scale=2,
                      row_labels=names, col_labels=cols, title=f"{what}: the same noise at each guidance w")
 
 
 def write_samples(model, args, shape, dataset, sampling):
-    """--save-samples: --num-samples samples, --classes in turn, at the data's own size."""
+    """--save-samples: --num-samples samples, --classes in turn."""
     classes = args.classes or list(range(NULL))
     labels = [classes[j % len(classes)] for j in range(args.num_samples)]
+    make = lambda noise, y: crop(generate(model, noise, y, **sampling), shape)  # at the data's own size
     noise_shape = (shape[0], RES, RES)
-    common.save_samples(args.save_samples, lambda noise, y: crop(generate(model, noise, y, **sampling), shape),
-                        args.num_samples, args.batch_size, noise_shape, labels, args.seed,
-                        f"--dataset {dataset} --data-dir {args.data_dir}")
+    common.save_samples(args.save_samples, make, args.num_samples, args.batch_size, noise_shape, labels,
+                        args.seed, f"--dataset {dataset} --data-dir {args.data_dir}")
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -362,12 +352,11 @@ def sample(args, device, sampling):
     model, config = load_model(args.sample, device, ema=not args.raw_weights)
     common.prepare_out(args.out)
     sampler = torch.compile(model) if args.compile else model
+    shape = config["image_shape"]
     if args.save_samples:
-        write_samples(sampler, args, config["image_shape"], config["dataset"], sampling)
+        write_samples(sampler, args, shape, config["dataset"], sampling)
     if common.rank_and_world()[0] == 0:
-        write_figures(sampler, args.out, config["dataset"], config["image_shape"], args.classes or range(NULL),
-                      args.seed, sampling)
-        print(f"wrote {args.out}/classes.png, guidance.png, sampling.gif")
+        write_figures(sampler, args, config["dataset"], shape, sampling)
     return model
 
 
@@ -429,9 +418,8 @@ def validate(args):
     common.check_run_flags(args)
     common.check_positive(args, "lr", "grad_clip")
     if args.no_flip and args.dataset != "cifar10":
-        raise common.UserError(f"--no-flip applies to cifar10 only ({args.dataset} is never flipped); drop it")
-    if args.cfg < 0:
-        raise common.UserError(f"--cfg must be 0 or more (0 is unconditional), got {args.cfg}")
+        raise common.UserError(f"--no-flip: {args.dataset} images are never flipped; drop it")
+    common.check_range(args, "cfg", 0, 100)
     if args.warmup < 0 or not 0 <= args.label_dropout < 1 or not 0 <= args.ema_decay < 1:
         raise common.UserError("--warmup must be >= 0, --label-dropout and --ema-decay in [0, 1)")
     if any(c % 32 for c in args.channels) or not 0 < min(args.channels) <= max(args.channels) <= 4096:

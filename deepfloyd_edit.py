@@ -1,20 +1,17 @@
 """The DeepFloyd IF editing toolbox of CS180 Project 5 Part A, with every formula hand-written.
 
-Reproduces the course's Part A on stage 1 of DeepFloyd IF (64x64 pixels): the forward process,
-Gaussian-blur denoising, one-step and iterative denoising over strided timesteps, sampling,
-classifier-free guidance, SDEdit, inpainting (RePaint), text-conditional image-to-image, visual anagrams
-(flip, 90-degree rotation, colour inversion) and hybrid images. Source: UC Berkeley CS180 Project 5
-"Diffusion Models & Flow Matching", Part A; formulas from the course spec and diffusers' DDPMScheduler.
-
-Two denoisers answer the same call `model(x_t, t, prompts) -> (eps, v)` (v: IF's variance channels):
+Part A of UC Berkeley CS180 Project 5 ("Diffusion Models & Flow Matching") on stage 1 of DeepFloyd IF (64x64
+pixels): the forward process, blur, one-step and iterative denoising, sampling, classifier-free guidance,
+SDEdit, inpainting (RePaint), image-to-image, visual anagrams and hybrid images. Two denoisers answer the same
+call `model(x_t, t, prompts) -> (eps, v)` (v: IF's variance channels):
   --backend deepfloyd  the real IF-I UNet through diffusers (gated weights); prompts are T5 embeddings.
   --backend exact      the closed-form optimal denoiser E[x0 | x_t] of a small labelled image set (offline).
-Conventions: this script keeps IF's discrete DDPM time, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with
-t = 999 noise and t = 0 data; it equals (sqrt(abar) + sqrt(1 - abar)) times the project's flow-matching
-x_s = s x + (1 - s) eps at s = sqrt(abar) / (sqrt(abar) + sqrt(1 - abar)). Images are in [-1, 1].
-The guidance scale is w (the course's gamma): eps = eps_u + w (eps_c - eps_u).
+Time is IF's discrete DDPM time: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t = 999 noise, t = 0 data;
+divided by sqrt(abar) + sqrt(1 - abar) it is the project's flow-matching x_s = s x + (1 - s) eps at
+s = sqrt(abar) / (sqrt(abar) + sqrt(1 - abar)). Images are in [-1, 1]. The guidance scale w is the course's
+gamma: eps = eps_u + w (eps_c - eps_u).
 
-  python deepfloyd_edit.py                       # every task, exact backend on a CPU (seconds)
+  python deepfloyd_edit.py                       # every task, exact backend on a CPU
   python deepfloyd_edit.py --task sdedit --image photo.jpg drawing.png
   python deepfloyd_edit.py --backend deepfloyd --model-id DeepFloyd/IF-I-L-v1.0 --task anagram \\
       --anagram "an oil painting of an old man" "an oil painting of people around a campfire"
@@ -48,9 +45,8 @@ DEEPFLOYD_DEFAULTS = dict(prompt="a high quality photo", cfg=7.0, edit_prompt="a
 
 # ----------------------------------------------------------------------------------- noise schedule
 def alphas_cumprod(steps=T):
-    """squaredcos_cap_v2 (Nichol & Dhariwal): f(s) = cos^2((s + 0.008) / 1.008 * pi / 2),
-    beta_i = min(1 - f((i + 1) / T) / f(i / T), 0.999) in float64, then abar_t = prod_{i<=t} (1 - beta_i)
-    in float32, exactly as diffusers does."""
+    """squaredcos_cap_v2 as diffusers computes it: f(s) = cos^2((s + 0.008) / 1.008 * pi / 2), in float64
+    beta_i = min(1 - f((i + 1) / T) / f(i / T), 0.999), then in float32 abar_t = prod_{i<=t} (1 - beta_i)."""
     def f(s):
         return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
 
@@ -80,17 +76,16 @@ def x0_from_eps(x_t, eps, abar_t):
 
 
 def dynamic_threshold(x0, ratio=0.95, max_value=1.5):
-    """Imagen's dynamic thresholding, as in IF's scheduler config: s = the 0.95 quantile of |x0| per image,
-    clamped to [1, 1.5]; x0 <- clamp(x0, -s, s) / s. Keeps strong CFG from pushing x0 out of [-1, 1]."""
+    """Imagen's dynamic thresholding (IF's scheduler config): s = the 0.95 quantile of |x0| per image, clamped
+    to [1, 1.5]; x0 <- clamp(x0, -s, s) / s keeps strong guidance from pushing x0 out of [-1, 1]."""
     s = torch.quantile(x0.flatten(1).abs().float(), ratio, dim=1).clamp(1, max_value).to(x0.dtype)
     s = s[:, None, None, None]
     return x0.clamp(-s, s) / s
 
 
 def learned_range_logvar(v, abar_t, abar_prev):
-    """IF's learned-range variance for the step t -> t': log sigma^2 = frac log(beta) + (1 - frac) log(beta~),
-    frac = (v + 1) / 2, between beta = 1 - abar_t / abar_t' and the posterior variance
-    beta~ = (1 - abar_t') / (1 - abar_t) beta."""
+    """IF's learned variance of the step t -> t': log sigma^2 = frac log(beta) + (1 - frac) log(beta~),
+    frac = (v + 1) / 2, beta = 1 - abar_t / abar_t', posterior beta~ = (1 - abar_t') / (1 - abar_t) beta."""
     beta = 1 - abar_t / abar_prev
     posterior_var = (1 - abar_prev) / (1 - abar_t) * beta
     frac = (v + 1) / 2
@@ -98,9 +93,8 @@ def learned_range_logvar(v, abar_t, abar_prev):
 
 
 def ddpm_step(x_t, eps, v, abar_t, abar_prev, z, threshold=False):
-    """One strided DDPM step t -> t' (DDPM eq. 7 with alpha = abar_t / abar_t'):
-    x_t' = sqrt(abar_t') (1 - alpha) / (1 - abar_t) x0 + sqrt(alpha) (1 - abar_t') / (1 - abar_t) x_t
-           + sigma z."""
+    """One strided DDPM step t -> t' (DDPM eq. 7 with alpha = abar_t / abar_t'): x_t' = sigma z +
+    sqrt(abar_t') (1 - alpha) / (1 - abar_t) x0 + sqrt(alpha) (1 - abar_t') / (1 - abar_t) x_t."""
     x0 = x0_from_eps(x_t, eps, abar_t)
     if threshold:
         x0 = dynamic_threshold(x0)
@@ -112,7 +106,7 @@ def ddpm_step(x_t, eps, v, abar_t, abar_prev, z, threshold=False):
 
 # ----------------------------------------------------------------------- noise estimates (the tricks)
 def guided_eps(model, x_t, t, prompts, w):
-    """Classifier-free guidance: eps = eps_u + w (eps_c - eps_u) with '' the unconditional prompt, both in one
+    """Classifier-free guidance: eps = eps_u + w (eps_c - eps_u), '' the unconditional prompt, both in one
     batch; v from the conditional half. At w = 1 it is eps_c itself, one pass."""
     if w == 1:
         return model(x_t, t, prompts)
@@ -122,9 +116,8 @@ def guided_eps(model, x_t, t, prompts, w):
     return eps_u + w * (eps_c - eps_u), v[:b]
 
 
-# A view is an orthogonal map of pixels; its inverse brings a noise estimate made on the viewed image
-# back (Geng et al. 2024). Colour inversion works because x_t = sqrt(abar) x0 + sqrt(1 - abar) eps
-# negates term by term.
+# A view is an orthogonal map of pixels; its inverse brings a noise estimate made on the viewed image back
+# (Geng et al. 2024). Inverting colours works as x_t = sqrt(abar) x0 + sqrt(1 - abar) eps negates termwise.
 VIEWS = {"flip": (lambda x: x.flip(2), lambda x: x.flip(2)),  # upside down, the course's flip(dims=[2])
          "rot90": (lambda x: x.rot90(1, (2, 3)), lambda x: x.rot90(-1, (2, 3))),
          "invert": (lambda x: -x, lambda x: -x)}
@@ -167,10 +160,9 @@ def randn(like, gen):
 
 
 def iterative_denoise(estimate, x_t, i_start, ts, abar, gen, threshold=False, inpaint=None):
-    """From x_t at ts[i_start] down to ts[-1] = 0, one ddpm_step per strided pair (t, t');
-    estimate(x_t, t) -> (eps, v). inpaint = (x_orig, m): after every step, RePaint keeps
-    x_t' = m x_t' + (1 - m) add_noise(x_orig, t') (m = 1: regenerate).
-    Returns the final image and every intermediate x_t."""
+    """From x_t at ts[i_start] to ts[-1] = 0, one ddpm_step per pair (t, t'); estimate(x_t, t) -> (eps, v).
+    inpaint = (x_orig, m): after each step RePaint keeps x_t' = m x_t' + (1 - m) add_noise(x_orig, t'), so
+    only m = 1 is regenerated. Returns the final image and every intermediate x_t."""
     xs = [x_t]
     for i in range(i_start, len(ts) - 1):
         t, t_prev = ts[i], ts[i + 1]
@@ -197,8 +189,7 @@ def sdedit(estimate, x_orig, t_start, ts, abar, gen, threshold=False):
 class ExactDenoiser:
     """The MSE-optimal denoiser of a finite set {y_k}: with x_t = sqrt(abar) y + sqrt(1 - abar) eps and y
     uniform over the images a prompt names ('' = all), E[x0 | x_t] = sum_k p(k | x_t) y_k with
-    p(k | x_t) = softmax_k(-|x_t - sqrt(abar) y_k|^2 / (2 (1 - abar))). It returns the eps this x0 implies,
-    so the samplers use it like IF's UNet."""
+    p(k | x_t) = softmax_k(-|x_t - sqrt(abar) y_k|^2 / (2 (1 - abar))). It returns the eps this x0 implies."""
 
     def __init__(self, images, names, abar):
         self.images = images
@@ -209,8 +200,8 @@ class ExactDenoiser:
     def check(self, prompts):
         for p in prompts:
             if p and p not in self.prompts:
-                raise UserError(f"prompt {p!r} names no image of the exact backend's set; "
-                                f"use '' or one of {self.prompts}")
+                raise UserError(f"prompt {p!r} names no image of the exact backend's set; use '' or one of "
+                                f"{self.prompts}")
 
     def __call__(self, x_t, t, prompts):
         abar = self.abar[t]
@@ -232,9 +223,8 @@ class DeepFloydDenoiser:
         dim = unet.config.encoder_hid_dim or unet.config.cross_attention_dim
         for p, e in embeds.items():
             if not (isinstance(e, torch.Tensor) and tuple(e.shape) == (1, 77, dim)):
-                shape = tuple(getattr(e, "shape", ()))
-                raise UserError(f"the embedding of {p!r} has shape {shape}, not (1, 77, {dim}); "
-                                f"delete it from the --embeds file so it is encoded again")
+                raise UserError(f"the embedding of {p!r} has shape {tuple(getattr(e, 'shape', ()))}, not "
+                                f"(1, 77, {dim}); delete it from the --embeds file so it is encoded again")
         self.unet = unet
         self.device = device
         self.dtype = dtype
@@ -251,9 +241,8 @@ class DeepFloydDenoiser:
 # -------------------------------------------------------------------------------------------- tasks
 @dataclass
 class Context:
-    """What every task needs, as plain values: the denoiser model(x_t, t, prompts) -> (eps, v), the
-    schedule, the images to edit (the first is the single-image tasks'), the inpainting mask
-    (1 = regenerate) and the settings."""
+    """What every task needs: the denoiser, the schedule, the images to edit (the first is the single-image
+    tasks'), the inpainting mask (1 = regenerate) and the settings."""
     model: object
     abar: torch.Tensor
     ts: list
@@ -278,11 +267,11 @@ class Context:
         return self.images[:1]
 
     def gen(self):
-        """Each task restarts the noise from --seed: a figure does not depend on the tasks run before it."""
+        # each task restarts the noise from --seed, so a figure does not depend on the tasks run before it
         return torch.Generator(self.images.device).manual_seed(self.seed)
 
     def denoise(self, x_t, t, prompts):
-        """Every task calls the denoiser through here, once per step: the progress line counts the calls."""
+        # every task calls the denoiser through here, so that the progress line counts the calls
         out = self.model(x_t, t, prompts)
         self.steps_done += 1
         self.progress.update(self.steps_done, len(x_t))
@@ -300,8 +289,8 @@ class Context:
 
     def save(self, name, images, nrow, title, **labels):
         path = os.path.join(self.out, f"{name}.png")
-        title = f"{title}  [{self.backend} backend]"
-        common.save_grid(images.float(), path, nrow, scale=2, title=title, **labels)
+        common.save_grid(images.float(), path, nrow, scale=2, title=f"{title}  [{self.backend} backend]",
+                         **labels)
 
 
 def quoted(prompt):
@@ -346,8 +335,8 @@ def task_onestep(c):
 
 
 def iterative_panels(c):
-    """The panels of iterative.png in the order the denoising runs: x_t every 5th step from t = 690 (noisiest
-    first), the clean result, then one-step denoising and a blur of the same start, and the original."""
+    """iterative.png's panels in denoising order: x_t every 5th step from t = 690, the clean result, then
+    one-step denoising and a blur of the same start, and the original."""
     i = start_index(c.ts, ITERATIVE_T)
     g = c.gen()
     x_t = add_noise(c.image, c.abar[c.ts[i]], randn(c.image, g))
@@ -454,7 +443,7 @@ def to_tensor(img):
 
 
 def drawing(paint, *variant):
-    """paint(ImageDraw, *variant) on a 256 px canvas, shrunk to 64 px (smooth edges), a tensor in [-1, 1]."""
+    """paint(ImageDraw, *variant) on a 256 px canvas, shrunk to 64 px (smooth edges), as a tensor."""
     img = Image.new("RGB", (256, 256))
     paint(ImageDraw.Draw(img), *variant)
     return to_tensor(img.resize((SIZE, SIZE), Image.LANCZOS))
@@ -547,8 +536,7 @@ def open_image(path, what, mode="RGB"):
         with Image.open(path) as img:
             return img.convert(mode)
     except Exception as e:  # hostile files raise OSError, ValueError, DecompressionBombError, ...
-        raise UserError(f"{what} {path} is not a readable image ({type(e).__name__}); "
-                        f"pass a PNG or JPEG file")
+        raise UserError(f"{what} {path} is not a readable image ({type(e).__name__}); pass a PNG or JPEG")
 
 
 def square64(img, resample=Image.BICUBIC):
@@ -562,8 +550,8 @@ def square64(img, resample=Image.BICUBIC):
 def load_image_set(folder):
     """--images DIR: one subfolder per prompt (the folder's name is the prompt), any number of images each."""
     if not os.path.isdir(folder):
-        raise UserError(f"--images {folder} is not a folder; pass a folder with one subfolder of images "
-                        f"per prompt")
+        raise UserError(f"--images {folder} is not a folder; pass a folder with one subfolder of images per "
+                        f"prompt")
     images = []
     names = []
     for name in sorted(os.listdir(folder)):
@@ -573,8 +561,8 @@ def load_image_set(folder):
             images.append(to_tensor(square64(open_image(os.path.join(sub, f), "image in --images"))))
             names.append(name)
     if not images:
-        raise UserError(f"--images {folder} holds no images; put them in one subfolder per prompt, "
-                        f"e.g. {folder}/a dog/1.png")
+        raise UserError(f"--images {folder} holds no images; put them in one subfolder per prompt, e.g. "
+                        f"{folder}/a dog/1.png")
     return torch.stack(images), names
 
 
@@ -601,35 +589,16 @@ def load_inputs(image_paths, mask_path):
 
 
 # --------------------------------------------------------------------------- Hugging Face loading
-GATED = ("DeepFloyd IF is gated: accept its licence at https://huggingface.co/DeepFloyd/IF-I-XL-v1.0 "
-         "(or -M-, -L-) and run `huggingface-cli login`, or pass --model-id a local copy (a folder with "
-         "unet/, and text_encoder/ + tokenizer/ for new prompts)")
-
-
-def is_access_error(error):
-    """True when a hub download failed for want of access: gated, 401/403, not logged in, no such repo."""
-    try:
-        from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError  # GatedRepoError is one
-    except ImportError:
-        HfHubHTTPError = RepositoryNotFoundError = ()
-    signs = ("gated repo", "401 client error", "403 client error", "not a valid model identifier")
-    while error is not None:
-        status = getattr(getattr(error, "response", None), "status_code", None)
-        refused = isinstance(error, HfHubHTTPError) and status in (401, 403)
-        text = str(error).lower()
-        if refused or isinstance(error, RepositoryNotFoundError) or any(sign in text for sign in signs):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def error_text(error):
-    return f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+def load_error(what, model_id, error):
+    """One message for any failed load: the two usual causes, and the error itself for a broken local copy."""
+    text = " ".join(str(error).split())[:300]
+    return (f"cannot load {what} from {model_id} ({type(error).__name__}: {text}): the model is gated "
+            f"(accept its licence at huggingface.co/DeepFloyd/IF-I-XL-v1.0 and run `huggingface-cli login`) "
+            f"or there is no network; or pass --model-id a local copy")
 
 
 def from_pretrained(cls, model_id, subfolder, dtype):
-    """In fp16 or bf16, IF's *.fp16.* files first (half the download); a copy without them loads its full
-    files."""
+    """In fp16 or bf16, IF's *.fp16.* files (half the download), or the full files of a copy without them."""
     if dtype != torch.float32:
         try:
             return cls.from_pretrained(model_id, subfolder=subfolder, torch_dtype=dtype, variant="fp16")
@@ -664,35 +633,30 @@ def encode_prompts(prompts, model_id, device, dtype, cpu_offload=False):
 
 
 def load_embeds(path, prompts, model_id, device, dtype, cpu_offload=False):
-    """The course's prompt_embeds_dict.pth: {prompt: (1, 77, 4096) tensor}. Prompts it lacks are encoded
-    once with IF's T5 and added to the file, so the 11 GiB text encoder is not loaded on the next run."""
-    embeds = {}
+    """The course's prompt_embeds_dict.pth, {prompt: (1, 77, 4096) tensor}. Prompts it lacks are encoded once
+    with IF's T5 and added to the file, so that the next run does not load the text encoder."""
     if os.path.isdir(path):
         raise UserError(f"--embeds {path} is a folder; pass the path of an embeddings file (.pth)")
+    embeds = {}
     if os.path.exists(path):
         try:
-            embeds = torch.load(path, map_location="cpu", weights_only=True)
+            embeds = torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code
         except Exception:
-            raise UserError(f"--embeds {path} is not a readable embeddings file; delete it to encode the "
-                            f"prompts again")
+            embeds = None
         if not isinstance(embeds, dict):
-            raise UserError(f"--embeds {path} does not hold a dict prompt -> embedding; delete it or pass "
-                            f"another file")
+            raise UserError(f"--embeds {path} is not a readable embeddings file (a dict prompt -> "
+                            f"embedding); delete it to encode the prompts again")
     missing = [p for p in dict.fromkeys(prompts) if p not in embeds]
     if not missing:
         return embeds
-    names = ", ".join(map(repr, missing[:3])) + (", ..." if len(missing) > 3 else "")
-    why = f"{len(missing)} prompt(s) ({names}) have no embedding in {path}"
+    why = f"{len(missing)} prompt(s) ({', '.join(map(repr, missing))}) have no embedding in {path}"
     try:
         embeds.update(encode_prompts(missing, model_id, device, dtype, cpu_offload))
     except ImportError:
         raise UserError(f"{why}, and encoding them needs IF's T5 encoder: pip install transformers "
                         f"sentencepiece, or add them to the file")
     except Exception as e:
-        if is_access_error(e):
-            raise UserError(f"{why}, and IF's T5 encoder could not be loaded from {model_id}; {GATED}")
-        raise UserError(f"{why}, and IF's T5 encoder from {model_id} failed ({error_text(e)}); check that "
-                        f"{model_id} holds text_encoder/ and tokenizer/, or add the prompts to the file")
+        raise UserError(f"{why}; " + load_error("IF's T5 encoder", model_id, e))
     common.atomic_write(path, lambda tmp: torch.save(embeds, tmp))
     print(f"encoded {len(missing)} prompt(s) into {path}")
     return embeds
@@ -709,11 +673,7 @@ def load_deepfloyd(model_id, embeds_path, prompts, device, dtype, cpu_offload=Fa
     try:
         unet = from_pretrained(diffusers.UNet2DConditionModel, model_id, "unet", dtype)
     except Exception as e:
-        if is_access_error(e):
-            raise UserError(f"cannot load the IF stage-1 UNet from {model_id} ({type(e).__name__}); {GATED}")
-        raise UserError(f"cannot load the IF stage-1 UNet from {model_id} ({error_text(e)}); check that "
-                        f"{model_id}/unet holds config.json and diffusion_pytorch_model*.safetensors, "
-                        f"re-download it, or pass another --model-id")
+        raise UserError(load_error("the IF stage-1 UNet", model_id, e))
     if unet.config.out_channels != 6:
         raise UserError(f"{model_id} has a UNet with {unet.config.out_channels} output channels, not IF "
                         f"stage 1's 6 (eps and variance); pass --model-id DeepFloyd/IF-I-M-v1.0, -L- or -XL-")
@@ -725,75 +685,51 @@ def load_deepfloyd(model_id, embeds_path, prompts, device, dtype, cpu_offload=Fa
 def parse_args(argv=None):
     d = DEEPFLOYD_DEFAULTS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
-    p.add_argument("--task", choices=[*TASKS, "all"], default="all", help="which figure to make")
-    p.add_argument("--backend", choices=["deepfloyd", "exact"], help="IF stage 1, or the exact denoiser of a "
-                   "small image set (default: deepfloyd on CUDA, exact elsewhere)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
-    p.add_argument("--precision", choices=common.PRECISIONS, default="auto", help="deepfloyd's weights "
-                   "and compute: auto is fp16 on CUDA (IF's published fp16 weights), fp32 elsewhere; bf16 "
-                   "needs a CPU or a GPU of compute capability 8.0+; fp16 needs CUDA. The exact backend is "
-                   "always fp32")
-    p.add_argument("--model-id", default="DeepFloyd/IF-I-XL-v1.0",
-                   help="IF stage 1 on the Hub (IF-I-M/L/XL-v1.0) or a local copy")
-    p.add_argument("--cpu-offload", action="store_true", help="deepfloyd on CUDA: keep the weights in RAM "
-                   "and stream them to the GPU layer by layer (needs accelerate; fits small GPUs, several "
-                   "times slower)")
-    p.add_argument("--embeds", help="deepfloyd: prompt -> (1, 77, 4096) T5 embeddings file, the course's "
-                   "format; missing prompts are encoded and added (default: OUT/prompt_embeds_dict.pth)")
-    p.add_argument("--images", help="exact backend: a folder with one subfolder of images per prompt, "
-                   "named as the prompt (default: a built-in set of 15 drawings, 3 for each of 5 prompts)")
-    p.add_argument("--image", nargs="+", help="image(s) to edit; the first is used by forward, blur, "
-                   "onestep, iterative and inpaint (default: a built-in tower and a sketch)")
-    p.add_argument("--mask", help="inpainting mask, the same size as the first --image; white = regenerate "
-                   "(default: a box at the top centre)")
-    p.add_argument("--prompt", help="prompt of denoising, sampling, CFG, SDEdit and inpainting; '' is "
-                   "unconditional, and the cfg figure uses --edit-prompt instead of it "
-                   f"(default: {d['prompt']!r} on deepfloyd, '' on exact)")
-    p.add_argument("--edit-prompt", help="text-conditional image-to-image prompt "
-                   f"(default: {d['edit_prompt']!r} on deepfloyd, the set's first prompt on exact)")
-    p.add_argument("--anagram", nargs=2, metavar=("UPRIGHT", "VIEWED"), help="visual anagram prompts "
-                   f"(default: {d['anagram'][0]!r} {d['anagram'][1]!r} on deepfloyd, "
-                   "the set's 2nd and 3rd prompts on exact)")
-    p.add_argument("--hybrid", nargs=2, metavar=("FAR", "NEAR"), help="hybrid image prompts, low and high "
-                   f"frequencies (default: {d['hybrid'][0]!r} {d['hybrid'][1]!r} on deepfloyd, "
-                   "the set's 2nd and 3rd prompts on exact)")
-    p.add_argument("--cfg", type=float, help="guidance scale w of the editing tasks, 0 to 100 (default: "
-                   f"{d['cfg']:g} on deepfloyd, as in the course; 1 on exact, which is already exactly "
-                   "conditional and overshoots when extrapolated)")
-    p.add_argument("--steps-stride", type=int, default=30,
-                   help="stride of the timesteps 990, 990-stride, ..., 0, 1 to 990; 30 gives 33 steps")
-    p.add_argument("--samples", type=int, default=5, help="images per sampling figure, 1 to 64")
-    p.add_argument("--threshold", action="store_true",
-                   help="IF pipeline's dynamic thresholding of x0 (the course's loop has none)")
-    p.add_argument("--seed", type=int, default=189, help="random seed; 189 is the write-up's")
-    p.add_argument("--out", default=os.path.join("runs", "deepfloyd_edit"), help="output folder")
+    add = p.add_argument
+    add("--task", choices=[*TASKS, "all"], default="all", help="which figure to make")
+    add("--backend", choices=["deepfloyd", "exact"], help="IF stage 1, or the exact denoiser of a small "
+        "image set (default: deepfloyd on CUDA, exact elsewhere)")
+    add("--device", help="cpu, cuda, cuda:N or mps (default: cuda, then mps, then cpu)")
+    add("--precision", choices=common.PRECISIONS, default="auto", help="deepfloyd's weights and compute: "
+        "auto is fp16 on CUDA (IF's published weights) and fp32 elsewhere; exact always computes in fp32")
+    add("--model-id", default="DeepFloyd/IF-I-XL-v1.0", help="IF stage 1 on the Hub or a local copy")
+    add("--cpu-offload", action="store_true",
+        help="deepfloyd on CUDA: keep the weights in RAM, stream each layer to the GPU (needs accelerate)")
+    add("--embeds", help="deepfloyd's T5 prompt embeddings file, the course's format; missing prompts are "
+        "encoded and added (default: OUT/prompt_embeds_dict.pth)")
+    add("--images", help="exact backend: a folder with one subfolder of images per prompt, named as the "
+        "prompt (default: a built-in set of 15 drawings, 3 for each of 5 prompts)")
+    add("--image", nargs="+", help="image(s) to edit; the first is used by forward, blur, onestep, iterative "
+        "and inpaint (default: a built-in tower and a sketch)")
+    add("--mask", help="inpainting mask, the size of the first --image, white = regenerate "
+        "(default: a box at the top centre)")
+    add("--prompt", help="prompt of denoising, sampling, CFG, SDEdit and inpainting; '' is unconditional, "
+        f"for which cfg uses --edit-prompt (default: {d['prompt']!r} on deepfloyd, '' on exact)")
+    add("--edit-prompt", help="image-to-image prompt "
+        f"(default: {d['edit_prompt']!r} on deepfloyd, the set's first prompt on exact)")
+    add("--anagram", nargs=2, metavar=("UPRIGHT", "VIEWED"), help="visual anagram prompts (default: "
+        f"{d['anagram'][0]!r} {d['anagram'][1]!r} on deepfloyd, the set's 2nd and 3rd prompts on exact)")
+    add("--hybrid", nargs=2, metavar=("FAR", "NEAR"), help="hybrid image prompts, low and high frequencies "
+        f"(default: {d['hybrid'][0]!r} {d['hybrid'][1]!r} on deepfloyd, the set's 2nd and 3rd prompts on "
+        "exact)")
+    add("--cfg", type=float, help="guidance scale w of the editing tasks, 0 to 100 "
+        f"(default: {d['cfg']:g} on deepfloyd, 1 on exact)")
+    add("--steps-stride", type=int, default=30, help="stride of the timesteps 990, 990-stride, ..., 0; "
+        "1 to 990")
+    add("--samples", type=int, default=5, help="images per sampling figure, 1 to 64")
+    add("--threshold", action="store_true", help="the IF pipeline's dynamic thresholding of x0")
+    add("--seed", type=int, default=189, help="random seed")
+    add("--out", default=os.path.join("runs", "deepfloyd_edit"), help="output folder")
     return p.parse_args(argv)
 
 
-def validate(args):
+def main(argv=None):
+    args = parse_args(argv)
     common.check_finite(args)
     common.check_seed(args)
     common.check_range(args, "steps_stride", 1, 990)
     common.check_range(args, "samples", 1, 64)
     common.check_range(args, "cfg", 0, 100)
-    return args
-
-
-def choose_precision(flag, device_type, capability=None):
-    """auto: fp16 on CUDA (IF's published weights are fp16), fp32 elsewhere. fp16 needs CUDA; bf16 needs
-    native support: a CPU, or a GPU of compute capability 8.0 or more (a T4 or V100 has none)."""
-    precision = flag if flag != "auto" else ("fp16" if device_type == "cuda" else "fp32")
-    if precision == "fp16" and device_type != "cuda":
-        raise UserError(f"--precision fp16 needs a CUDA GPU (half precision on {device_type} is unsupported "
-                        f"or very slow); use --precision fp32 or bf16")
-    if precision == "bf16" and device_type == "cuda" and capability < (8, 0):
-        raise UserError(f"--precision bf16 needs a GPU with native bf16 (compute capability 8.0+; this one "
-                        f"has {capability[0]}.{capability[1]}); use --precision fp16")
-    return precision
-
-
-def main(argv=None):
-    args = validate(parse_args(argv))
     device = common.get_device(args.device)
     backend = args.backend or ("deepfloyd" if device.type == "cuda" else "exact")
     if backend == "deepfloyd" and args.images:
@@ -805,20 +741,25 @@ def main(argv=None):
     if args.cpu_offload and not offload_ok:
         raise UserError("--cpu-offload needs --backend deepfloyd, a CUDA GPU and accelerate "
                         "(pip install accelerate); drop it otherwise")
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    precision = "fp32" if backend == "exact" else choose_precision(args.precision, device.type, capability)
+    precision = "fp32"
+    if backend == "deepfloyd":
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        # auto is fp16 on CUDA as IF's published weights are; common refuses what the device cannot run
+        flag = "fp16" if args.precision == "auto" and device.type == "cuda" else args.precision
+        precision = common.choose_precision(flag, device.type, capability)
     images, image_names, mask = load_inputs(args.image, args.mask)
     abar = alphas_cumprod()
     if backend == "exact":
         set_images, set_names = load_image_set(args.images) if args.images else draw_builtin()
         model = ExactDenoiser(set_images.to(device), set_names, abar.to(device))
-        names = model.prompts  # the defaults are the set's first prompts
+        names = model.prompts
         pair = [names[1 % len(names)], names[2 % len(names)]]
+        # w = 1: the exact denoiser is already exactly conditional; w > 1 extrapolates past its images
         defaults = dict(prompt="", cfg=1.0, edit_prompt=names[0], anagram=pair, hybrid=pair)
     else:
         defaults = DEEPFLOYD_DEFAULTS
-    given = {key: getattr(args, key) for key in defaults if getattr(args, key) is not None}
-    chosen = {**defaults, **given}
+    chosen = {key: getattr(args, key) if getattr(args, key) is not None else value
+              for key, value in defaults.items()}
     prompts = ["", chosen["prompt"], chosen["edit_prompt"], *chosen["anagram"], *chosen["hybrid"]]
     if backend == "exact":
         model.check(prompts)

@@ -51,12 +51,25 @@ def test_loss_plot_draws_each_curve(tmp_path):
     assert (np.abs(img - [214, 39, 40]).sum(1) == 0).sum() > 50  # the second's
 
 
-def test_samples_npz_layout(tmp_path):
-    common.save_samples_npz(tmp_path / "s.npz", torch.zeros(4, 3, 5, 5), [0, 1, 2, 3])
-    data = np.load(tmp_path / "s.npz")
-    assert data["images"].dtype == np.uint8 and data["images"].shape == (4, 3, 5, 5)
-    assert (data["images"] == 128).all() and data["labels"].tolist() == [0, 1, 2, 3]
-    assert os.listdir(tmp_path) == ["s.npz"]  # no temp file left behind
+def test_samples_npz_layout_and_noise_independent_of_the_batch(tmp_path, capsys):
+    made = []
+
+    def sample(noise, y):  # a stand-in model: the noise itself, clipped, and the labels it was given
+        made.append(None if y is None else y.tolist())
+        return noise.clamp(-1, 1)
+    common.save_samples(str(tmp_path / "a.npz"), sample, 5, 2, (3, 4, 4), [0, 1, 2, 0, 1], 7, "--dataset x")
+    common.save_samples(str(tmp_path / "b.npz"), sample, 5, 3, (3, 4, 4), [0, 1, 2, 0, 1], 7, "--dataset x")
+    common.save_samples(str(tmp_path / "c.npz"), sample, 5, 5, (3, 4, 4), [-1] * 5, 8, "--dataset x")
+    a, b, c = (np.load(tmp_path / f"{k}.npz") for k in "abc")
+    assert a["images"].dtype == np.uint8 and a["images"].shape == (5, 3, 4, 4)
+    assert a["labels"].tolist() == [0, 1, 2, 0, 1] and c["labels"].tolist() == [-1] * 5
+    assert np.array_equal(a["images"], b["images"])  # the same samples at batch 2 and batch 3
+    assert not np.array_equal(a["images"], c["images"])  # another seed, other noise
+    expected = common.to_uint8(common.sample_noise(7, 3, (3, 4, 4))[None]).numpy()[0]
+    assert np.array_equal(a["images"][3], expected)  # sample j's noise comes from (seed, j) alone
+    assert made[:3] == [[0, 1], [2, 0], [1]] and made[-1] is None  # labels in chunks; -1: unconditional
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.npz", "c.npz"]  # no temp file left behind
+    assert f"wrote 5 samples to {tmp_path / 'a.npz'}; score them with: python evaluate.py" in capsys.readouterr().out
 
 
 def test_checkpoint_round_trip_and_every_refusal(tmp_path):
@@ -153,6 +166,14 @@ def test_auto_precision_follows_native_bf16(capability, expected):
     assert common.choose_precision("auto", "cuda", capability) == expected
     assert common.choose_precision("auto", "cpu") == "fp32"
     assert common.choose_precision("bf16", "cpu") == "bf16"
+
+
+@pytest.mark.parametrize("flag, device, capability, message", [
+    ("fp16", "cpu", None, "fp16 needs a CUDA GPU"), ("fp16", "mps", None, "fp16 needs a CUDA GPU"),
+    ("bf16", "cuda", (7, 5), "bf16 needs a GPU with native bf16")])
+def test_precisions_a_device_cannot_run_fast_are_refused(flag, device, capability, message):
+    with pytest.raises(common.UserError, match=message):
+        common.choose_precision(flag, device, capability)
 
 
 @pytest.mark.parametrize("precision, dtype",
@@ -260,11 +281,54 @@ def test_prepare_out_removes_only_dead_processes_temps(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True)
     dead_pid = int(dead.stdout)  # a process that has ended
-    (tmp_path / f"last.pt.tmp-{dead_pid}").write_text("stale")
-    (tmp_path / f"s.npz.tmp-{dead_pid}.npz").write_text("stale")
-    (tmp_path / f"last.pt.tmp-{os.getpid()}").write_text("ours, being written")
+    (tmp_path / f".last.pt.tmp-{dead_pid}.pt").write_text("stale")
+    (tmp_path / f".s.npz.tmp-{dead_pid}.npz").write_text("stale")
+    (tmp_path / f".last.pt.tmp-{os.getpid()}.pt").write_text("ours, being written")
+    users = ["results.tmp-2024.csv", "notes.tmp-99999.txt", "backup.tmp-123456", f".x.tmp-{dead_pid}.csv"]
+    for name in users:  # names atomic_write never makes: a user's files, whatever they look like
+        (tmp_path / name).write_text("the user's")
     common.prepare_out(str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == [f"last.pt.tmp-{os.getpid()}"]
+    assert sorted(os.listdir(tmp_path)) == sorted([f".last.pt.tmp-{os.getpid()}.pt"] + users)
+
+
+def test_atomic_write_names_its_temp_so_prepare_out_can_find_it(tmp_path):
+    seen = []
+    common.atomic_write(str(tmp_path / "s.npz"), lambda tmp: seen.append(os.path.basename(tmp)) or
+                        open(tmp, "w").write("x"))
+    assert seen == [f".s.npz.tmp-{os.getpid()}.npz"] and common.TEMP.fullmatch(seen[0])
+
+
+def test_atomic_write_syncs_the_file_and_its_folder(tmp_path, monkeypatch):
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.path.realpath(f"/proc/self/fd/{fd}")) or fsync(fd))
+    common.atomic_write(str(tmp_path / "a.txt"), lambda tmp: open(tmp, "w").write("data"))
+    assert len(synced) == 2 and synced[1] == str(tmp_path)  # the data before the rename, the folder after
+    assert os.path.basename(synced[0]).startswith(".a.txt.tmp-")
+
+
+def test_a_figure_interrupted_while_written_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "loss.png"
+    common.save_grid(torch.zeros(1, 1, 4, 4), str(path), nrow=1)
+    good = path.read_bytes()
+
+    def half_then_killed(self, fp, *args, **kwargs):
+        open(fp, "wb").write(b"\x89PNG half")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Image.Image, "save", half_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_grid(torch.ones(1, 1, 4, 4), str(path), nrow=1)
+    assert path.read_bytes() == good and os.listdir(tmp_path) == ["loss.png"]
+
+
+def test_a_lock_that_is_a_link_is_not_followed(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("VICTIM")
+    (tmp_path / "out").mkdir()
+    os.symlink(victim, tmp_path / "out" / ".lock")
+    with pytest.raises(common.UserError, match="lock file .* link"):
+        common.lock_out(str(tmp_path / "out"))
+    assert victim.read_text() == "VICTIM"
 
 
 def test_out_lock_refuses_a_second_holder_naming_its_pid(tmp_path):
@@ -414,11 +478,6 @@ def test_progress_line_shows_fields_and_whole_job_eta(capsys):
     assert line.startswith("sampling 50/100 | epoch 2/4 | loss 0.2500 |") and "ETA" in line
 
 
-def test_gather_chunks_in_one_process_orders_by_index():
-    chunks = {2: np.full((1, 1), 2), 0: np.zeros((2, 1)), 1: np.ones((1, 1))}
-    assert common.gather_chunks(chunks).ravel().tolist() == [0, 0, 1, 2]
-
-
 def ignore_sigint():  # what a shell does to a job started with `cmd &`
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
@@ -470,8 +529,10 @@ log = {log!r}
 def load():
     if rank == 0:
         time.sleep(1)  # rank 1 must wait for this, not race it
-        if {fail}:
+        if {fail} == "user":
             raise common.UserError("rank 0 found no data")
+        if {fail} == "os":
+            raise OSError(5, "Input/output error")
     with open(log, "a") as f:
         f.write(f"{{rank}} {{time.time()}}\\n")
     return rank
@@ -485,12 +546,16 @@ common.run(main)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fail", [False, True])
+@pytest.mark.parametrize("fail", ["", "user", "os"])
 def test_rank0_first_under_torchrun_loads_rank0_first_and_sends_its_error(tmp_path, fail):
     log = tmp_path / "order.txt"
     script = tmp_path / "rank0_first.py"
-    script.write_text(RANK0_FIRST.format(repo=REPO, log=str(log), fail=fail))
+    script.write_text(RANK0_FIRST.format(repo=REPO, log=str(log), fail=repr(fail)))
     r = run_script(str(script), torchrun=2, timeout=120)
+    if fail == "os":  # not a UserError: rank 0 fails with it, rank 1 hears of it instead of waiting
+        assert "error on rank 1 rank 0 stopped (OSError: [Errno 5] Input/output error)" in r.stdout, r.stderr[-2000:]
+        assert "OSError" in r.stderr and not log.exists()
+        return
     assert r.returncode == 0, r.stderr[-2000:]
     if fail:  # both ranks get rank 0's error, neither hangs, nobody loads
         assert r.stdout.count("error on rank") == 2 and "rank 0 found no data" in r.stdout
@@ -498,3 +563,100 @@ def test_rank0_first_under_torchrun_loads_rank0_first_and_sends_its_error(tmp_pa
     else:
         order = [line.split()[0] for line in log.read_text().splitlines()]
         assert order == ["0", "1"] and "loaded 0" in r.stdout and "loaded 1" in r.stdout
+
+
+# --------------------------------------------------------------------------------------- the run harness
+def toy_args(tmp_path, **flags):
+    return argparse.Namespace(**{"out": str(tmp_path / "run"), "resume": None, "overwrite": False, "seed": 0,
+                                 "lr": 0.05, **flags})
+
+
+def toy_training(args, epochs, loss_scale=1.0):
+    """A linear model fitted to y = 2x by the loop the training scripts use, 3 steps of 4 an epoch."""
+    try:
+        run = common.Run("toy", args, ("lr", "seed"), outputs=("loss.png",), log_every=2)
+        data = run.load(lambda: torch.linspace(-1, 1, 12)[:, None])
+        torch.manual_seed(args.seed)
+        net = torch.nn.Linear(1, 1)
+        opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+        run.restore(model=net, optimizer=opt)
+        for epoch in run.epochs(epochs, steps_per_epoch=3, batch_size=4):
+            for i in range(3):
+                x = data[torch.randint(0, 12, (4,))]
+                loss = loss_scale * (net(x) - 2 * x - 0.01 * torch.randn(4, 1)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                run.log(loss, opt.param_groups[0]["lr"])
+            run.save(data_size=12)
+        return run, net
+    finally:
+        while common.LOCKS:  # the end of a process releases its lock
+            common.LOCKS.pop().close()
+
+
+def test_run_resumed_equals_uninterrupted_and_writes_checkpoint_and_metrics(tmp_path):
+    straight, net = toy_training(toy_args(tmp_path / "a"), epochs=2)
+    toy_training(toy_args(tmp_path / "b"), epochs=1)
+    resumed, net_b = toy_training(toy_args(tmp_path / "b", resume=str(tmp_path / "b" / "run" / "last.pt")), epochs=2)
+    a, b = (common.load_checkpoint(str(p / "run" / "last.pt"), "toy") for p in (tmp_path / "a", tmp_path / "b"))
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] == 6 and a["data_size"] == 12
+    assert a["losses"] == b["losses"] and len(a["losses"]) == 6 and a["losses"][-1] < a["losses"][0]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])  # the RNG streams continued
+    assert a["optimizer"]["state"][0]["exp_avg"].equal(b["optimizer"]["state"][0]["exp_avg"])
+    assert set(a) >= {"script", "config", "model", "optimizer", "epoch", "step", "rng", "losses"}
+    lines = [json.loads(line) for line in open(tmp_path / "b" / "run" / "metrics.jsonl")]
+    assert [m.get("step") for m in lines] == [2, 3, None, 5, 6, None]  # every 2 steps and at an epoch's end
+    assert [m["epoch"] for m in lines] == [1, 1, 1, 2, 2, 2] and lines[2]["loss"] == pytest.approx(
+        sum(a["losses"][:3]) / 3)
+    assert {"img_per_s", "seconds", "lr"} <= set(lines[2])
+
+
+def test_run_refusals_are_one_sentence(tmp_path):
+    toy_training(toy_args(tmp_path), epochs=1)
+    last = str(tmp_path / "run" / "last.pt")
+    with pytest.raises(common.UserError, match="already holds a checkpoint"):
+        toy_training(toy_args(tmp_path), epochs=1)
+    with pytest.raises(common.UserError, match="trained 1 epochs already, so --epochs 1 leaves nothing to do"):
+        toy_training(toy_args(tmp_path, resume=last), epochs=1)
+    with pytest.raises(common.UserError, match="trained with lr=0.05 but this run has lr=0.1"):
+        toy_training(toy_args(tmp_path, resume=last, lr=0.1), epochs=2)
+    ckpt = torch.load(last, weights_only=True)
+    ckpt.pop("checksum")
+    ckpt["model"]["weight"] = torch.zeros(3, 3)  # another version's shapes
+    common.save_checkpoint(str(tmp_path / "other.pt"), ckpt)
+    with pytest.raises(common.UserError, match="the model of .*other.pt does not fit this run"):
+        toy_training(toy_args(tmp_path, resume=str(tmp_path / "other.pt")), epochs=2)
+    ckpt = torch.load(last, weights_only=True)
+    ckpt.pop("checksum")
+    del ckpt["optimizer"]
+    common.save_checkpoint(str(tmp_path / "old.pt"), ckpt)
+    with pytest.raises(common.UserError, match="holds no optimizer state"):
+        toy_training(toy_args(tmp_path, resume=str(tmp_path / "old.pt")), epochs=2)
+    (tmp_path / "d" / "run" / "loss.png").mkdir(parents=True)
+    with pytest.raises(common.UserError, match="loss.png exists and is not a file"):
+        toy_training(toy_args(tmp_path / "d"), epochs=1)
+
+
+def test_run_stops_on_a_nan_loss_before_writing_its_checkpoint(tmp_path):
+    with pytest.raises(common.UserError, match="the loss became nan at step 1, so training stopped before"):
+        toy_training(toy_args(tmp_path), epochs=1, loss_scale=float("nan"))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_run_refuses_a_batch_larger_than_the_data(tmp_path):
+    args = toy_args(tmp_path)
+    run = common.Run("toy", args, ())
+    with pytest.raises(common.UserError, match="fewer images than --batch-size 64"):
+        next(run.epochs(1, steps_per_epoch=256 // 1000, batch_size=64))
+
+
+@pytest.mark.parametrize("flag, value, fragment", [
+    ("epochs", 10**30, "--epochs must be between 1 and 100,000"), ("batch_size", 0, "--batch-size"),
+    ("steps", 0, "--steps"), ("num_samples", 0, "--num-samples"), ("seed", -1, "--seed")])
+def test_run_flags_out_of_range_are_refused(flag, value, fragment):
+    args = argparse.Namespace(epochs=1, batch_size=4, steps=2, num_samples=10, seed=0, device="cpu", sample=None,
+                              resume=None, save_samples=None, benchmark=False, out="runs/x")
+    setattr(args, flag, value)
+    with pytest.raises(common.UserError, match=fragment):
+        common.check_run_flags(args)
