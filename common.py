@@ -1,19 +1,10 @@
-"""The little code the four scripts and evaluate.py share. Everything about a method (networks, losses,
-samplers) lives in its script. In the order of the file:
+"""The little code the four scripts and evaluate.py share; everything about a method lives in its script.
 
-- errors: UserError, and run(), which turns bad input into one sentence and exit code 2, and Ctrl-C or
-  SIGTERM into one line naming the last checkpoint;
-- flag checks: one --help style, and refusals of non-finite, non-positive or out-of-range flags and seeds;
-- output folders: a writable --out, output files checked before any work, no silent overwrite of an earlier
-  run, one training per --out; the atomic files written into them are with the checkpoints below;
-- device and seeds, with the RNG states a --resume restores, and the precision (bf16, fp16 or fp32);
-- torchrun/DDP: joining the process group, and every rank's RNG state;
-- data: MNIST, Fashion-MNIST and CIFAR-10 read from torchvision's files, without running pickled code;
-- images: sample grids, GIFs, and the .npz of samples that evaluate.py reads;
-- plots: training curves drawn with PIL;
-- checkpoints and metrics: atomic writes, checkpoints with a checksum, metrics.jsonl;
-- progress: one line with the rate and the job's ETA every few seconds;
-- sampling over ranks: each rank's share of the samples, gathered on rank 0.
+The sections, in order: errors (one sentence and exit code 2 for bad input, one line for Ctrl-C) -
+flag checks - output folders (checked before any work, one training per --out) - device and seeds -
+precision - torchrun/DDP - data (MNIST, Fashion-MNIST, CIFAR-10, read without running pickled code) -
+images - plots - checkpoints (atomic writes, checksums) and metrics.jsonl - progress - the training run
+(class Run) - samples for scoring (the .npz evaluate.py reads) - benchmark and estimate.
 """
 import argparse
 import hashlib
@@ -71,7 +62,7 @@ def run(main):
 # ------------------------------------------------------------------------------------ flag checks
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """--help in one style for every script: the module docstring as written, and each flag's real default
-    shown once (none is shown for flags without one, e.g. switches and optional files)."""
+    shown once (none for flags without one, e.g. switches and optional files)."""
 
     def _get_help_string(self, action):
         text = action.help or ""
@@ -117,8 +108,8 @@ def add_run_flags(p, script, num_samples):
     add("--resume", metavar="CKPT", help="continue the training that wrote CKPT (pass the same flags; "
         "--epochs may grow)")
     add("--sample", metavar="CKPT", help="no training: sample this checkpoint (figures into --out)")
-    add("--save-samples", metavar="FILE.npz", help="write --num-samples samples (classes in turn) as .npz for "
-        "evaluate.py, after training or with --sample")
+    add("--save-samples", metavar="FILE.npz", help="write --num-samples samples (classes in turn) as .npz "
+        "for evaluate.py, after training or with --sample")
     add("--num-samples", type=int, default=num_samples, help="samples --save-samples writes, 1 to 1,000,000")
     add("--device", help="cpu, cuda, cuda:N or mps (unset: the best available)")
     add("--precision", choices=PRECISIONS, default="auto", help="autocast: auto is bf16 on GPUs of compute "
@@ -151,8 +142,7 @@ def check_run_flags(args):
 
 # --------------------------------------------------------------------------------- output folders
 def prepare_out(path):
-    """Create the output folder, make sure we can write into it before any work starts, and remove the temp
-    files that killed runs left there."""
+    """Create --out, check that it is writable before any work, and remove the temps killed runs left."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
@@ -167,8 +157,7 @@ def prepare_out(path):
 
 def check_output_file(path, flag, out=None):
     """Fail at the start, not after hours of training, when a file asked for (e.g. --save-samples) can't be
-    written: the target must be absent or a writable regular file, in a folder where we can create a file.
-    A file in the run's --out folder `out`, not made yet, is checked when prepare_out makes that folder."""
+    written. One inside the run's --out `out`, not made yet, is checked when prepare_out makes that folder."""
     if os.path.exists(path) and not os.path.isfile(path):
         raise UserError(f"{flag} {path} exists and is not a regular file (a folder?); "
                         f"pass the path of a file")
@@ -194,16 +183,13 @@ def check_fresh_run(checkpoint, resume, overwrite, script):
                         f"to continue it, --overwrite to start over, or another --out")
 
 
-# The open lock files of lock_out. They are kept referenced for the life of the process because closing one,
-# or letting it be garbage-collected, releases its lock.
-LOCKS = []
+LOCKS = []  # lock_out's open files, kept for the life of the process: closing one releases its lock
 
 
 def lock_out(folder):
     """Hold an exclusive lock on folder/.lock for the life of the process, so two trainings can't share an
     --out. The OS releases it when the process ends, even when it is killed."""
     import fcntl  # Unix only: imported here so that importing common works everywhere
-
     path = os.path.join(folder, ".lock")
     try:  # O_NOFOLLOW: a .lock that is a link to another file is refused, not written through
         f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
@@ -227,23 +213,23 @@ def lock_out(folder):
 # ------------------------------------------------------------------------------- device and seeds
 def get_device(name=None):
     """cuda, then mps, then cpu; an explicit name (e.g. 'cpu', 'cuda:1') wins."""
-    if name:
-        if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
-            raise UserError(f"--device {name} is not a device; pass cpu, cuda, cuda:N or mps")
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {name} asked for, but this machine has no CUDA GPU; use --device cpu")
-        if name.startswith("cuda:"):
-            count = torch.cuda.device_count()
-            if not (name[5:].isdigit() and int(name[5:]) < count):
-                raise UserError(f"--device {name}: this machine has CUDA devices 0 to {count - 1}")
-        if name == "mps" and not torch.backends.mps.is_available():
-            raise UserError("--device mps asked for, but MPS is not available here; use --device cpu")
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    if not name:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise UserError(f"--device {name} is not a device; pass cpu, cuda, cuda:N or mps")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but this machine has no CUDA GPU; use --device cpu")
+    if name.startswith("cuda:"):
+        count = torch.cuda.device_count()
+        if int(name[5:]) >= count:  # the pattern above made sure it is a number
+            raise UserError(f"--device {name}: this machine has CUDA devices 0 to {count - 1}")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps asked for, but MPS is not available here; use --device cpu")
+    return torch.device(name)
 
 
 def seed_everything(seed):
@@ -253,8 +239,7 @@ def seed_everything(seed):
 
 
 def rng_state():
-    """All RNG states, in a form torch.load(weights_only=True) accepts, so --resume continues the same
-    stream."""
+    """All RNG states, in a form torch.load(weights_only=True) accepts, so --resume continues the stream."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -281,8 +266,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 def choose_precision(flag, device_type, capability=None):
     """auto: bf16 on GPUs with native bf16 (compute capability >= 8.0: A100, L4, H100, RTX 30xx and newer),
-    fp16 with a gradient scaler on older GPUs (T4, V100), fp32 on CPU and MPS. fp16 needs CUDA (on a CPU it
-    is unsupported or very slow); bf16 on a GPU needs native support (emulated, it is slower than fp16)."""
+    fp16 with a gradient scaler on older GPUs (T4, V100), fp32 on CPU and MPS."""
     if flag == "auto":
         if device_type != "cuda":
             return "fp32"
@@ -300,12 +284,9 @@ def precision_for(flag, device, log=print):
     """The precision for this device, printed once."""
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     precision = choose_precision(flag, device.type, capability)
-    note = ""
-    if precision != "fp32":
-        note += " (autocast; weights and checkpoints stay fp32)"
-    if precision == "fp16":
-        note += " with a gradient scaler"
-    log(f"precision: {precision}{note}")
+    notes = {"fp32": "", "bf16": " (autocast; weights and checkpoints stay fp32)",
+             "fp16": " (autocast; weights and checkpoints stay fp32) with a gradient scaler"}
+    log(f"precision: {precision}{notes[precision]}")
     return precision
 
 
@@ -316,8 +297,7 @@ def autocast(device, precision):
 
 
 def grad_scaler(device, precision):
-    """fp16 gradients underflow without loss scaling; for every other precision the scaler is a
-    pass-through."""
+    """fp16 gradients underflow without loss scaling; for the other precisions the scaler does nothing."""
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
@@ -326,11 +306,11 @@ def setup_ddp(device_name=None):
     """Returns (rank, world_size, device). Under `torchrun` it joins the process group (NCCL on GPUs,
     gloo on CPUs) and gives each rank its own GPU; a plain `python script.py` is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    device = get_device(device_name)
     if world == 1:
-        return 0, 1, get_device(device_name)
+        return 0, 1, device
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    device = get_device(device_name)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -339,9 +319,8 @@ def setup_ddp(device_name=None):
 
 
 def rank0_first(load, rank, world):
-    """load() on rank 0 first (it may download or build a cache), then on the other ranks, which wait in
-    the broadcast. Any failure on rank 0 (bad input, a full disk, Ctrl-C) is sent to every rank, so none
-    waits for it until the process group times out."""
+    """load() on rank 0 first (it may download or build a cache), then on the others. Any failure on rank 0
+    (bad input, a full disk, Ctrl-C) is sent to every rank, so none waits for it until the group times out."""
     error, result = [None], None
     try:
         if rank == 0:
@@ -359,9 +338,8 @@ def rank0_first(load, rank, world):
 
 
 def all_rng_states():
-    """Every DDP rank's rng_state() as a list indexed by rank (call it on every rank), so a resumed torchrun
-    job continues each rank's stream. Sent as torch.save bytes: all_gather_object can't pickle numpy's
-    uint32 state tensor."""
+    """Every rank's rng_state(), indexed by rank (call it on every rank), so a resumed torchrun job continues
+    each rank's stream. Sent as torch.save bytes: all_gather_object can't pickle numpy's uint32 tensor."""
     if not (dist.is_available() and dist.is_initialized()):
         return [rng_state()]
     buf = io.BytesIO()
@@ -382,31 +360,17 @@ def set_rank_rng_state(states, fresh_seed):
 
 
 # -------------------------------------------------------------------------------------------- data
-# name -> (torchvision class, folder under --data-dir, files of the training split, files of the test split,
-#          what to put there by hand when there is no network)
+# name -> (torchvision class, folder under --data-dir, training files, test files, what to put there offline)
 DATASETS = {
-    "mnist": (
-        "MNIST",
-        "MNIST/raw",
-        ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
-        ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
-        "the four gunzipped idx files from yann.lecun.com",
-    ),
-    "fashion": (
-        "FashionMNIST",
-        "FashionMNIST/raw",
-        ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
-        ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
-        "the four gunzipped idx files (Debian: apt install dataset-fashion-mnist, then gunzip "
-        "/usr/share/datasets/fashion-mnist/*.gz)",
-    ),
-    "cifar10": (
-        "CIFAR10",
-        "cifar-10-batches-py",
-        [f"data_batch_{i}" for i in range(1, 6)],
-        ["test_batch"],
-        "the python version of CIFAR-10 (cifar-10-python.tar.gz), unpacked",
-    ),
+    "mnist": ("MNIST", "MNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
+              ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
+              "the four gunzipped idx files from yann.lecun.com"),
+    "fashion": ("FashionMNIST", "FashionMNIST/raw", ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"],
+                ["t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"],
+                "the four gunzipped idx files (Debian: apt install dataset-fashion-mnist, then gunzip "
+                "/usr/share/datasets/fashion-mnist/*.gz)"),
+    "cifar10": ("CIFAR10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                "the python version of CIFAR-10 (cifar-10-python.tar.gz), unpacked"),
 }
 CLASS_NAMES = {
     "mnist": [str(k) for k in range(10)],
@@ -417,13 +381,11 @@ CLASS_NAMES = {
 
 
 def load_dataset(name, data_dir, train=True):
-    """MNIST, Fashion-MNIST or CIFAR-10 as one uint8 tensor (N, C, H, W) and int64 labels, read straight from
-    the files torchvision downloads; downloaded into data_dir when absent and the network allows. Nothing is
-    left behind on failure."""
+    """MNIST, Fashion-MNIST or CIFAR-10 as uint8 images (N, C, H, W) and int64 labels, read from the files
+    torchvision downloads (into data_dir when absent and the network allows; nothing is left on failure)."""
     cls, sub, train_files, test_files, offline = DATASETS[name]
     where = os.path.join(data_dir, sub)
     files = [os.path.join(where, f) for f in (train_files if train else test_files)]
-    layout = f"{os.path.join(data_dir, sub)}/{{{','.join(train_files + test_files)}}}"
     if not all(os.path.isfile(f) for f in files):
         # the outermost folder the download will create, noted first, so that a failed one removes all it made
         missing, path = None, os.path.abspath(where)
@@ -437,9 +399,9 @@ def load_dataset(name, data_dir, train=True):
             if missing:
                 shutil.rmtree(missing, ignore_errors=True)
             reason = " ".join(str(e).split())  # torchvision's message spans lines: keep one
+            layout = f"{where}/{{{','.join(train_files + test_files)}}}"
             raise UserError(f"{cls} is not in {os.path.abspath(data_dir)} and could not be downloaded "
-                            f"({reason}); "
-                            f"put {offline} at {layout} (see 'Running offline' in the README) "
+                            f"({reason}); put {offline} at {layout} (see 'Running offline' in the README) "
                             f"or pass --data-dir DIR")
     if name == "cifar10":
         parts = [read_cifar_batch(f) for f in files]
@@ -478,13 +440,10 @@ def check_labels(path, labels, n_images, n_classes):
 class _CifarUnpickler(pickle.Unpickler):
     """Admits only what the real CIFAR-10 batches hold (dicts, lists, strings, bytes, ints and numpy arrays):
     a crafted pickle can't call anything else, so loading a data file never runs code."""
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),  # numpy 2 renamed numpy.core to numpy._core
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.numeric", "_frombuffer"),
-        ("numpy._core.numeric", "_frombuffer"),
+    ALLOWED = {  # numpy 2 renamed numpy.core to numpy._core
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module, name):
@@ -521,10 +480,8 @@ def font(size=13):
 
 
 def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None, title=None):
-    """Tile (N, C, H, W) images in [-1, 1] into a PIL image, nrow images per row, with optional labels and
-    title."""
+    """(N, C, H, W) images in [-1, 1] tiled into a PIL image, nrow per row, with optional labels and title."""
     import torchvision
-
     grid = torchvision.utils.make_grid(to_uint8(images), nrow=nrow, padding=pad, pad_value=255)
     img = Image.fromarray(grid.permute(1, 2, 0).numpy())
     if scale != 1:
@@ -578,8 +535,7 @@ def nice_ticks(lo, hi, count=5, integer=False):
 
 
 def log_ticks(e0, e1):
-    """Round ticks between 10**e0 and 10**e1: 1, 2, 5 times the powers of ten, or only the powers when that
-    is plenty."""
+    """Round ticks from 10**e0 to 10**e1: the powers of ten, or 1, 2, 5 (or 1 to 9) times them if too few."""
     decades = range(math.floor(e0), math.ceil(e1) + 1)
     for mantissas in ((1,), (1, 2, 5), (1, 2, 3, 4, 5, 6, 7, 8, 9)):
         ticks = [m * 10.0 ** e for e in decades for m in mantissas if e0 <= math.log10(m * 10.0 ** e) <= e1]
@@ -590,61 +546,55 @@ def log_ticks(e0, e1):
 
 def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss", log_y=True,
                 size=(720, 420), marks=()):
-    """Line plot with PIL (no matplotlib). curves: {name: list of y, or (xs, ys)}; marks: (x, label) pairs
-    drawn as dotted vertical lines (e.g. epochs). Long noisy curves are drawn faint with a moving average on
-    top."""
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    """A line plot drawn with PIL. curves: {name: list of y, or (xs, ys)}; marks: (x, label) pairs drawn as
+    dotted vertical lines (e.g. epochs). A long noisy curve is drawn faint, with its moving average on top."""
     series = {}
     for name, c in curves.items():
-        xs, ys = c if isinstance(c, tuple) else (list(range(1, len(c) + 1)), c)
-        keep = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y) and (y > 0 or not log_y)]
-        if keep:
-            series[name] = keep
+        xs, ys = c if isinstance(c, tuple) else (range(1, len(c) + 1), c)
+        points = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y) and (y > 0 or not log_y)]
+        if points:
+            series[name] = points
     W, H = size
-    L, R, T, B = 78, 20, 44, 50  # margins (left, right, top, bottom) that hold the tick labels and titles
+    L, R, T, B = 78, 20, 44, 50  # the margins (left, right, top, bottom) hold the tick labels and titles
     img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
+    draw = ImageDraw.Draw(img)
     f = font()
-    d.text((W // 2, 6), title, fill="black", font=font(15), anchor="mt")
-    d.text((6, T - 20), ylabel + (" (log scale)" if log_y else ""), fill="black", font=f)
-    d.text(((L + W - R) // 2, H - 6), xlabel, fill="black", font=f, anchor="mb")
+    draw.text((W // 2, 6), title, fill="black", font=font(15), anchor="mt")
+    draw.text((6, T - 20), ylabel + (" (log scale)" if log_y else ""), fill="black", font=f)
+    draw.text(((L + W - R) // 2, H - 6), xlabel, fill="black", font=f, anchor="mb")
     if not series:
         return save_image(img, path)
-    g = math.log10 if log_y else (lambda v: v)
-    all_x = [x for s in series.values() for x, _ in s]
-    all_y = [g(y) for s in series.values() for _, y in s]
-    x0 = min(all_x)
-    x1 = max(all_x)
-    y0 = min(all_y)
-    y1 = max(all_y)
-    # a single point or a flat curve still needs axes of nonzero length
-    x1 = x1 if x1 > x0 else x0 + 1
-    y1 = y1 if y1 > y0 else y0 + 1e-3
+    scale = math.log10 if log_y else float
+    xs = [x for points in series.values() for x, _ in points]
+    ys = [scale(y) for points in series.values() for _, y in points]
+    x0 = min(xs)
+    x1 = max(xs) if max(xs) > x0 else x0 + 1  # a single point or a flat curve still needs axes of some length
+    y0 = min(ys)
+    y1 = max(ys) if max(ys) > y0 else y0 + 1e-3
     px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
-    py = lambda y: H - B - (g(y) - y0) / (y1 - y0) * (H - T - B)
-    d.rectangle([L, T, W - R, H - B], outline="black")
-    for xv in nice_ticks(x0, x1, 6, integer=all(float(x).is_integer() for x in all_x)):
-        d.line([px(xv), H - B, px(xv), H - B + 4], fill="black")
-        d.text((px(xv), H - B + 6), f"{xv:,.10g}", fill="black", font=f, anchor="mt")
-    y_ticks = log_ticks(y0, y1) if log_y else nice_ticks(y0, y1, 5)
-    for yv in y_ticks:
-        d.line([L - 4, py(yv), L, py(yv)], fill="black")
-        d.text((L - 6, py(yv)), f"{yv:.3g}", fill="black", font=f, anchor="rm")
+    py = lambda y: H - B - (scale(y) - y0) / (y1 - y0) * (H - T - B)
+    draw.rectangle([L, T, W - R, H - B], outline="black")
+    for x in nice_ticks(x0, x1, 6, integer=all(float(v).is_integer() for v in xs)):
+        draw.line([px(x), H - B, px(x), H - B + 4], fill="black")
+        draw.text((px(x), H - B + 6), f"{x:,.10g}", fill="black", font=f, anchor="mt")
+    for y in log_ticks(y0, y1) if log_y else nice_ticks(y0, y1, 5):
+        draw.line([L - 4, py(y), L, py(y)], fill="black")
+        draw.text((L - 6, py(y)), f"{y:.3g}", fill="black", font=f, anchor="rm")
     for x, label in marks:
         if x0 <= x <= x1:
-            for y in range(T, H - B, 6):
-                d.line([px(x), y, px(x), y + 2], fill=(150, 150, 150))
-            d.text((px(x) + 2, T + 2), label, fill=(120, 120, 120), font=font(11))
-    for k, (name, pts) in enumerate(series.items()):
+            for y in range(T, H - B, 6):  # a dotted line
+                draw.line([px(x), y, px(x), y + 2], fill=(150, 150, 150))
+            draw.text((px(x) + 2, T + 2), label, fill=(120, 120, 120), font=font(11))
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
+    for k, (name, points) in enumerate(series.items()):
         colour = colours[k % len(colours)]
-        window = max(1, len(pts) // 50)
+        window = len(points) // 50
         if window > 1:
-            faint = tuple(255 - (255 - c) // 4 for c in colour)
-            d.line([(px(x), py(y)) for x, y in pts], fill=faint)
-            ys = np.convolve([y for _, y in pts], np.ones(window) / window, mode="valid")
-            pts = list(zip([x for x, _ in pts][window - 1:], ys))  # each mean drawn at its window's last x
-        d.line([(px(x), py(y)) for x, y in pts], fill=colour, width=2)
-        d.text((W - R - 8, T + 8 + 16 * k), name, fill=colour, font=f, anchor="ra")
+            draw.line([(px(x), py(y)) for x, y in points], fill=tuple(255 - (255 - c) // 4 for c in colour))
+            means = np.convolve([y for _, y in points], np.ones(window) / window, mode="valid")
+            points = [(x, mean) for (x, _), mean in zip(points[window - 1:], means)]  # at its window's last x
+        draw.line([(px(x), py(y)) for x, y in points], fill=colour, width=2)
+        draw.text((W - R - 8, T + 8 + 16 * k), name, fill=colour, font=f, anchor="ra")
     save_image(img, path)
 
 
@@ -654,10 +604,9 @@ TEMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?P<ext>\.[^.]*)?")
 
 
 def atomic_write(path, write):
-    """write(tmp) to a temp file beside `path`, then rename it over `path`: a crash, a kill or a power loss
-    never leaves a half-written file at `path` (the data is synced before the rename, the rename after). The
-    temp is removed on every exit Python controls (errors, a full disk, Ctrl-C, SIGTERM); prepare_out
-    removes those a SIGKILL left."""
+    """write(tmp) to a temp file beside `path`, synced, then renamed over `path` (the rename synced too): a
+    crash, a kill or a power loss never leaves a half-written file. The temp is removed on every exit Python
+    controls (errors, a full disk, Ctrl-C, SIGTERM); prepare_out removes those a SIGKILL left."""
     folder, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")
     try:
@@ -703,8 +652,7 @@ def pid_alive(pid):
 
 
 def checksum(state):
-    """sha256 of every tensor's bytes and every other value's repr, in a fixed order: a flipped byte changes
-    it."""
+    """sha256 of the tensors' bytes and the other values' repr, in fixed order: a flipped byte changes it."""
     h = hashlib.sha256()
 
     def visit(value):
@@ -730,9 +678,8 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path, script, config=None, must_match=()):
-    """Load a checkpoint written by `script` and check that the keys in must_match agree with config.
-    Checkpoints hold: script, config (the argparse namespace as a dict), model, and whatever the script
-    adds."""
+    """A checkpoint written by `script` (its script, config: the flags as a dict, model, and what the script
+    adds), refused unless the keys in must_match agree with config."""
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; pass the checkpoint file inside it "
                         f"(e.g. {os.path.join(path, 'last.pt')})")
@@ -743,8 +690,8 @@ def load_checkpoint(path, script, config=None, must_match=()):
     except Exception:
         raise UserError(f"{path} is not a readable checkpoint (truncated or corrupt); "
                         f"pass another one or retrain")
-    if not isinstance(ckpt, dict) or ckpt.get("script") != script:
-        owner = ckpt.get("script") if isinstance(ckpt, dict) else None
+    owner = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if owner != script:
         raise UserError(f"{path} was written by {owner or 'another program'}, not {script}.py; "
                         f"pass a checkpoint of {script}.py")
     stored = ckpt.pop("checksum", None)
@@ -781,10 +728,10 @@ class Metrics:
 # ---------------------------------------------------------------------------------------- progress
 class Progress:
     """Prints `sampling 3000/50000 | epoch 3/10 | loss 0.0512 | 1234 img/s | ETA 3m12s` about every `every`
-    seconds. `total` counts the whole job (every part of a multi-part run), so the ETA is the job's."""
+    seconds. `total` counts the whole job (every part of a multi-part run), so the ETA is the job's;
+    `start` is where a resumed job starts, so that the ETA counts only this process's work."""
 
     def __init__(self, total, start=0, every=10.0, prefix="step", enabled=True):
-        """start: where a resumed job starts, so the ETA counts only this process's work."""
         self.total = total
         self.start_count = start
         self.every = every
@@ -794,9 +741,8 @@ class Progress:
         self.images = 0
 
     def update(self, done, images, **fields):
-        """Called with the work done so far (in units of `total`), the images processed since the last call,
-        and fields to show (e.g. epoch="3/10", loss=0.05; a tensor is read only when a line is printed, as
-        reading it waits for the GPU)."""
+        """done: the work so far, in units of `total`; images: those since the last call; fields: shown as
+        `name value` (a tensor is read only when a line is printed, as reading it waits for the GPU)."""
         self.images += images
         now = time.time()
         if not self.enabled or (now - self.last < self.every and done != self.total):
@@ -826,7 +772,7 @@ def rank_and_world():
 
 
 def wrap_ddp(model):
-    """DistributedDataParallel under torchrun (it broadcasts rank 0's weights to every rank), else the model."""
+    """DistributedDataParallel under torchrun (it broadcasts rank 0's weights to all ranks), or the model."""
     if rank_and_world()[1] == 1:
         return model
     return torch.nn.parallel.DistributedDataParallel(model)
@@ -889,8 +835,8 @@ class Run:
             return
         for key, obj in states.items():
             if key not in self.ckpt:
-                raise UserError(f"{self.config['resume']} holds no {key} state (written by another version of "
-                                f"{self.script}.py?); pass a checkpoint of this version or start afresh")
+                raise UserError(f"{self.config['resume']} holds no {key} state (written by another version "
+                                f"of {self.script}.py?); pass a checkpoint of this version or start afresh")
             if obj is None or not self.ckpt[key]:  # an fp16 scaler saves {} when it is off
                 continue
             try:
@@ -931,7 +877,8 @@ class Run:
         self.pending.append(loss)
         if len(self.pending) == self.log_every:
             self.flush()
-        self.progress.update(self.step, self.batch_size, epoch=f"{self.epoch + 1}/{self.total_epochs}", loss=loss)
+        self.progress.update(self.step, self.batch_size, epoch=f"{self.epoch + 1}/{self.total_epochs}",
+                             loss=loss)
 
     def flush(self):
         group = torch.stack(self.pending).float()
@@ -941,8 +888,9 @@ class Run:
         group = (group / self.world).tolist()
         for i, value in enumerate(group):
             if not math.isfinite(value):
-                raise UserError(f"the loss became {value} at step {self.step - len(group) + i + 1}, so training "
-                                f"stopped before writing a checkpoint of it; try a lower --lr or --precision fp32")
+                raise UserError(f"the loss became {value} at step {self.step - len(group) + i + 1}, so "
+                                f"training stopped before writing a checkpoint of it; try a lower --lr or "
+                                f"--precision fp32")
         self.losses += group
         self.write_metrics(step=self.step, loss=sum(group) / len(group))
 
@@ -978,9 +926,8 @@ class Run:
 
 # ---------------------------------------------------------------------------------- samples for scoring
 def sample_noise(seed, j, shape):
-    """The starting noise of sample j, from its own generator: a set of samples depends on (seed, j) alone,
-    not on the batch size or the number of ranks. torch's CPU generator keeps only 32 bits of a seed, so
-    numpy's SeedSequence hashes (seed, j) into them."""
+    """The starting noise of sample j, from its own generator: samples depend on (seed, j) alone, not on the
+    batch size or the ranks. SeedSequence hashes (seed, j) into the 32 bits torch's CPU generator keeps."""
     state = np.random.SeedSequence([seed, j]).generate_state(1)[0]
     return torch.randn(shape, generator=torch.Generator().manual_seed(int(state)))
 
@@ -1018,12 +965,10 @@ def seconds_per_call(fn, device, calls=3):
     """The best time of `calls` calls of fn after a first one that warms up (allocator, compilation)."""
     times = []
     for _ in range(calls + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            torch.cuda.synchronize(device)  # done, not only launched; so the next call starts on an idle GPU
         times.append(time.perf_counter() - start)
     return min(times[1:])
 
