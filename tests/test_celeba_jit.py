@@ -1,10 +1,11 @@
 """Tests of celeba_jit.py: the JiT pieces against their equations and the official code, the x/v/eps
-conversions, a learning test, the CLI end to end, resume, precisions, compile, DDP, sampling over ranks and
-bad input."""
+conversions, a learning test, the CLI end to end, --quick, resume, precisions, compile, DDP, sampling over
+ranks and bad input."""
 import fcntl
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def test_initialisation_as_the_official_code():
     # N(0, 0.02) label and time embeddings: at init the time, not the class, dominates the conditioning vector
     for weight in (model.y_embed.weight, model.t_embed[0].weight, model.t_embed[2].weight):
         assert abs(weight.std().item() - 0.02) < 0.002 and abs(weight.mean().item()) < 0.002
-    for layer in (model.blocks[0].attn.qkv, model.embed[0], model.embed[1], model.blocks[1].mlp.w3):  # xavier
+    for layer in (model.blocks[0].qkv, model.embed[0], model.embed[1], model.blocks[1].w3):  # xavier
         bound = math.sqrt(6 / (layer.in_features + layer.out_features))
         assert 0.97 * bound < layer.weight.abs().max() <= bound
     assert all(p.abs().max() == 0 for name, p in model.named_parameters() if name.endswith("bias"))
@@ -113,15 +114,18 @@ def test_initialisation_as_the_official_code():
     assert model(torch.randn(2, 1, 28, 28), torch.rand(2), torch.tensor([0, 10])).abs().max() == 0
     torch.nn.init.normal_(model.blocks[0].ada[1].weight, std=0.1)  # once the modulation learns, it acts
     assert (model.blocks[0](x, c, model.cos, model.sin) - x).abs().mean() > 1e-3
-    with_tokens = tiny(context=(16, 1), dim=64)  # in-context class tokens' positions: N(0, 0.02) too
-    assert abs(with_tokens.context_pos.std().item() - 0.02) < 0.003
 
 
 def test_presets_match_the_papers_parameter_and_flop_counts():
+    from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):  # no memory, no time: counts only
         b16 = jit.JiT(256, 3, 1000, **jit.PRESETS["B"], pred="x", noise_scale=1.0, t_eps=0.05)
-    assert abs(sum(p.numel() for p in b16.parameters()) / 1e6 - 131) < 0.5  # JiT-B/16: 131M
-    assert abs(jit.macs_per_image(256, 3, jit.PRESETS["B"]) / 1e9 - 25) < 0.5  # JiT-B/16: 25 GFLOPs
+        assert abs(sum(p.numel() for p in b16.parameters()) / 1e6 - 131) < 0.5  # JiT-B/16: 131M
+        with FlopCounterMode(display=False) as flops:
+            b16(torch.zeros(1, 3, 256, 256), torch.zeros(1), torch.zeros(1, dtype=torch.long))
+    # JiT-B/16: 25 GFLOPs in the papers' count (multiply-adds), less 1.8 for its 32 in-context class tokens
+    # from block 4, which this script leaves out
+    assert 23.1 < flops.get_total_flops() / 2e9 < 23.3
     assert jit.check_grid(256, 16, 12) ** 2 == 441  # the blog's 21 x 21 overlapping tokens
 
 
@@ -263,20 +267,18 @@ def test_label_dropout_lives_in_the_loss():
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_celeba_folder_end_to_end(tmp_path):
     """CelebA layout DATA/img_align_celeba (plus a non-image and a killed build's temp), training, figures,
-    metrics, cache; then --sample to an .npz. Guidance flags on unconditional data are ignored with a note."""
+    metrics, cache; then --sample to an .npz."""
     folder = make_image_folder(tmp_path / "data" / "img_align_celeba", n=10)
     (tmp_path / "data" / "img_align_celeba" / "list_attr.txt").write_text("not an image")
-    stale = tmp_path / "data" / "img_align_celeba" / ".celeba_jit-cache-16px-0123.npy.tmp-4999999.npy"
+    stale = tmp_path / "data" / "img_align_celeba" / "..celeba_jit-cache-16px-0123.npy.tmp-4999999.npy"
     stale.write_bytes(b"half a cache")  # pid 4999999 does not exist: a build killed by SIGKILL
     out = tmp_path / "run"
     r = run_script("celeba_jit.py", "--dataset", "celeba", "--data-dir", tmp_path / "data", "--res", 16,
-                   "--epochs", 2, "--batch-size", 4, "--out", out, "--cfg", 2, *TINY)
+                   "--epochs", 2, "--batch-size", 4, "--out", out, *TINY)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "skipping 1 entries" in r.stdout and "0.05M parameters, 25 tokens, 10 images" in r.stdout
-    assert "t-mu -0.8 at 16 px; random horizontal flips" in r.stdout
-    assert "--cfg and --cfg-interval are ignored" in r.stdout
+    assert "0.05M parameters, 10 images; t-mu 0 at 16 px; flips: True" in r.stdout
     assert "precision: fp32" in r.stdout and "Warning" not in r.stderr  # no NumPy non-writable-array warning
-    for name in ["last.pt", "loss.png", "samples.png", "samples_epoch001.png", "sampling.gif"]:
+    for name in ["last.pt", "loss.png", "samples.png", "sampling.gif", "metrics.jsonl"]:
         assert (out / name).stat().st_size > 0, name
     caches = [f for f in os.listdir(folder) if f.startswith(".celeba_jit-cache-16px")]
     cache = np.load(os.path.join(folder, caches[0]))
@@ -284,7 +286,7 @@ def test_cli_celeba_folder_end_to_end(tmp_path):
     assert not stale.exists()
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["epoch"] == 2 and len(ckpt["losses"]) == 4
-    assert ckpt["data"]["classes"] == []
+    assert ckpt["config"]["dataset"] == "celeba" and ckpt["checksum"]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [line for line in lines if "img_per_s" in line]
     assert [e["epoch"] for e in epochs] == [1, 2] and all(set(e) >= {"loss", "lr", "seconds"} for e in epochs)
@@ -292,44 +294,53 @@ def test_cli_celeba_folder_end_to_end(tmp_path):
     grid = np.asarray(Image.open(out / "samples.png").convert("L"))  # 8 x 8 grid of 16 px at scale 6, a title
     assert grid.shape[1] >= 8 * 18 * 6 and grid.shape[0] > 8 * 18 * 6 + 15 and grid[:15].min() < 100  # title
     r = run_script("celeba_jit.py", "--sample", out / "last.pt", "--save-samples", out / "s.npz",
-                   "--num-samples", 5, "--out", out / "sampled", "--steps", 2, "--device", "cpu", "--cfg", 4)
+                   "--num-samples", 5, "--out", out / "sampled", "--steps", 2, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     samples = np.load(out / "s.npz")
     assert samples["images"].shape == (5, 3, 16, 16) and samples["images"].dtype == np.uint8
     assert (samples["labels"] == -1).all() and (out / "sampled" / "samples.png").exists()
     folder = tmp_path / "data" / "img_align_celeba"  # evaluate.py scores CelebA as a folder of images
     assert f"python evaluate.py {out / 's.npz'} --dataset folder --data-dir {folder}" in r.stdout
-    assert "are ignored" in r.stdout
+
+
+def test_sample_without_the_celeba_images_downloads_nothing(tmp_path, monkeypatch, capsys):
+    """--sample of a CelebA model on a machine without its images: the evaluate command names the data folder
+    as it was given, and nothing reaches for the network."""
+    import torchvision
+
+    def download(*args, **kwargs):
+        raise AssertionError("a download was started")
+    monkeypatch.setattr(torchvision.datasets, "CelebA", download)
+    make_image_folder(tmp_path / "data" / "img_align_celeba", n=4)
+    run_main("--dataset", "celeba", "--data-dir", tmp_path / "data", "--res", 16, "--epochs", 1,
+             "--batch-size", 4, "--out", tmp_path / "run", *TINY)
+    shutil.rmtree(tmp_path / "data")
+    capsys.readouterr()
+    run_main("--sample", tmp_path / "run" / "last.pt", "--save-samples", tmp_path / "s.npz",
+             "--num-samples", 2, "--out", tmp_path / "sampled", "--steps", 2, "--device", "cpu")
+    assert f"--dataset folder --data-dir {tmp_path / 'data'}\n" in capsys.readouterr().out
+    assert np.load(tmp_path / "s.npz")["images"].shape == (2, 3, 16, 16)
+    message = refusal(capsys, "--sample", tmp_path / "run" / "last.pt", "--cfg", 4, "--out", tmp_path / "s2")
+    assert "--cfg: this model is unconditional" in message  # guidance needs classes
 
 
 def test_folder_loading_crops_resizes_and_caches(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "imgs", n=3, size=(40, 20))
-    images, cache = jit.load_folder(folder, 8, None, str(tmp_path), print)
+    images, cache = jit.load_folder(folder, 8, None, str(tmp_path))
     assert images.shape == (3, 3, 8, 8) and os.path.dirname(cache) == folder
     # the images are a left-to-right ramp: after the centre crop the left edge stays darker than the right
     assert (images[:, :, :, 0].astype(int).mean() + 40) < images[:, :, :, -1].astype(int).mean()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the memory-mapped cache becomes a tensor without NumPy's warning
-        assert jit.to_device(images, torch.device("cpu")).shape == (3, 3, 8, 8)
-    assert jit.load_folder(folder, 8, None, str(tmp_path), print)[1] == cache  # second run: the same cache
+        assert torch.as_tensor(images).shape == (3, 3, 8, 8)
+    assert jit.load_folder(folder, 8, None, str(tmp_path))[1] == cache  # second run: the same cache
     image = next(f for f in sorted(os.listdir(folder)) if not f.startswith("."))
     os.utime(os.path.join(folder, image), (1, 1))  # an image replaced by one of the same size
-    assert jit.load_folder(folder, 8, None, str(tmp_path), print)[1] != cache
+    assert jit.load_folder(folder, 8, None, str(tmp_path))[1] != cache
     (tmp_path / "out").mkdir()
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only data folder: the cache in --out
-    cache = jit.load_folder(folder, 12, None, str(tmp_path / "out"), print)[1]
+    cache = jit.load_folder(folder, 12, None, str(tmp_path / "out"))[1]
     assert os.path.dirname(cache) == str(tmp_path / "out")
-
-
-@pytest.mark.parametrize("damage", ["empty", "truncated", "not-npy"])
-def test_an_unreadable_cache_is_rebuilt(tmp_path, damage):
-    folder = make_image_folder(tmp_path / "imgs", n=4)
-    good, cache = jit.load_folder(folder, 8, None, str(tmp_path), print)
-    good = np.array(good)
-    data = open(cache, "rb").read()
-    open(cache, "wb").write({"empty": b"", "truncated": data[:len(data) // 2], "not-npy": b"x" * 500}[damage])
-    images, again = jit.load_folder(folder, 8, None, str(tmp_path), print)
-    assert again == cache and np.array_equal(images, good)
 
 
 def test_a_killed_cache_build_leaves_no_temp(tmp_path, monkeypatch):
@@ -342,13 +353,13 @@ def test_a_killed_cache_build_leaves_no_temp(tmp_path, monkeypatch):
         return load(path, res, crop)
     monkeypatch.setattr(jit, "load_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        jit.load_folder(folder, 8, None, str(tmp_path), print)
-    assert not [f for f in os.listdir(folder) if "cache" in f]
+        jit.load_folder(folder, 8, None, str(tmp_path))
+    assert not [f for f in os.listdir(folder) if "cache" in f]  # no cache: the next run decodes them all
 
 
 def test_resume_equals_an_uninterrupted_run_and_appends_the_metrics(tmp_path):
     root = make_mnist_root(tmp_path / "mnist", n=48)
-    common_args = ["--dataset", "mnist", "--data-dir", root, "--batch-size", 16, "--sample-every", 5, *TINY]
+    common_args = ["--dataset", "mnist", "--data-dir", root, "--batch-size", 16, *TINY]
     run_main(*common_args, "--epochs", 2, "--out", tmp_path / "full")
     run_main(*common_args, "--epochs", 1, "--out", tmp_path / "half")
     run_main(*common_args, "--epochs", 2, "--out", tmp_path / "half", "--resume", tmp_path / "half/last.pt")
@@ -361,6 +372,15 @@ def test_resume_equals_an_uninterrupted_run_and_appends_the_metrics(tmp_path):
                   if "img_per_s" in line] for d in ("full", "half")}
     assert [e["epoch"] for e in epochs["half"]] == [1, 2]  # the resumed run appended its epoch
     assert [e["loss"] for e in epochs["half"]] == [e["loss"] for e in epochs["full"]]
+
+
+def test_a_resume_with_nothing_left_to_train_is_refused(tmp_path, capsys):
+    ckpt = mnist_run(tmp_path)
+    before = ckpt.read_bytes()
+    message = refusal(capsys, "--dataset", "mnist", "--data-dir", tmp_path / "mnist", "--batch-size", 16,
+                      "--epochs", 1, "--out", tmp_path / "run", *TINY, "--resume", ckpt)
+    assert "has trained 1 epochs already, so --epochs 1 leaves nothing to do" in message
+    assert ckpt.read_bytes() == before
 
 
 @pytest.mark.parametrize("pred", ["x", "v", "eps"])
@@ -402,10 +422,9 @@ def test_fashion_classes_and_horizontal_flips(tmp_path, monkeypatch, dataset, ex
     spy = lambda model, x, *a, **k: batches.append(x) or loss(model, x, *a, **k)
     monkeypatch.setattr(jit, "flow_matching_loss", spy)
     run_main("--dataset", dataset, "--data-dir", root, "--batch-size", 20, "--epochs", 2, "--steps", 2,
-             "--out", tmp_path / "o", "--sample-every", 9, *TINY, "--stride", 4, *extra,
+             "--out", tmp_path / "o", *TINY, "--stride", 4, *extra,
              "--save-samples", tmp_path / "s.npz", "--num-samples", 12)
-    classes = torch.load(tmp_path / "o" / "last.pt", weights_only=True)["data"]["classes"]
-    assert classes == common.CLASS_NAMES[dataset]
+    assert jit.load_model(tmp_path / "o" / "last.pt")[0].num_classes == 10
     samples = np.load(tmp_path / "s.npz")  # written after training, classes in turn
     channels, res = (1, 28) if dataset == "fashion" else (3, 32)
     assert samples["images"].shape == (12, channels, res, res) and samples["images"].dtype == np.uint8
@@ -416,22 +435,37 @@ def test_fashion_classes_and_horizontal_flips(tmp_path, monkeypatch, dataset, ex
     assert 20 < sum(mirrored) < 60 if flipped else not any(mirrored)  # about half the images when flipping
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_precisions_train_and_sample_on_the_cpu(tmp_path, capsys, precision):
-    """bf16 autocast on the CPU, and fp16 with its gradient scaler enabled (on the CPU too): losses finite,
-    an fp32 checkpoint that resumes and samples."""
-    ckpt = mnist_run(tmp_path, "--precision", precision)
-    assert f"precision: {precision}" in capsys.readouterr().out
+def test_bf16_trains_resumes_and_samples_on_the_cpu(tmp_path, capsys):
+    """bf16 autocast on the CPU: losses finite, an fp32 checkpoint that resumes and samples."""
+    ckpt = mnist_run(tmp_path, "--precision", "bf16")
+    assert "precision: bf16" in capsys.readouterr().out
     saved = torch.load(ckpt, weights_only=True)
     assert all(math.isfinite(v) for v in saved["losses"])
-    assert saved["model"]["head.weight"].dtype == torch.float32
-    assert ("scale" in saved["scaler"]) == (precision == "fp16")
+    assert saved["model"]["head.weight"].dtype == torch.float32 and saved["scaler"] == {}
     run_main("--dataset", "mnist", "--data-dir", tmp_path / "mnist", "--batch-size", 16, "--epochs", 2,
-             "--out", tmp_path / "run", *TINY, "--precision", precision, "--resume", ckpt)
+             "--out", tmp_path / "run", *TINY, "--precision", "bf16", "--resume", ckpt)
     run_main("--sample", ckpt, "--out", tmp_path / "s", "--steps", 2, "--device", "cpu",
-             "--precision", precision, "--save-samples", tmp_path / "s.npz", "--num-samples", 4)
+             "--precision", "bf16", "--save-samples", tmp_path / "s.npz", "--num-samples", 4)
     assert torch.load(ckpt, weights_only=True)["step"] == 4
     assert np.load(tmp_path / "s.npz")["images"].std() > 0
+
+
+def test_fp16_steps_with_its_gradient_scaler(capsys, tmp_path):
+    """fp16's path (autocast and an enabled gradient scaler) run on the CPU; the CLI keeps fp16 for GPUs."""
+    torch.manual_seed(0)
+    model = tiny(res=16)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = common.grad_scaler(torch.device("cpu"), "fp16")
+    seen = []
+    model.blocks[0].qkv.register_forward_hook(lambda m, inputs, out: seen.append(out.dtype))
+    x, y = torch.rand(4, 1, 16, 16) * 2 - 1, torch.arange(4)
+    settings = dict(pred="x", mu=0.0, sigma=0.8, noise_scale=1.0, t_eps=0.05, label_dropout=0.1, null=10)
+    losses = [jit.train_step(model, opt, scaler, x, y, settings, 1.0, "fp16") for _ in range(3)]
+    assert scaler.is_enabled() and seen[0] == torch.float16 and all(torch.isfinite(v) for v in losses)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))  # the scaled step applied
+    assert "fp16 needs a CUDA GPU" in refusal(capsys, "--dataset", "mnist", "--precision", "fp16",
+                                              "--out", tmp_path / "never", *TINY)
 
 
 @pytest.mark.slow
@@ -503,7 +537,8 @@ def test_save_samples_noise_follows_the_seed_not_the_batch_size(tmp_path, monkey
     sampling = ["--sample", ckpt, "--num-samples", 5, "--out", tmp_path / "s"]
     for name, extra in (("b2", ["--batch-size", 2]), ("b5", ["--batch-size", 5]), ("seed1", ["--seed", 1])):
         run_main(*sampling, *extra, "--save-samples", tmp_path / f"{name}.npz")
-    b2, b5, seed1 = (np.load(tmp_path / f"{name}.npz")["images"].astype(int) for name in ("b2", "b5", "seed1"))
+    names = ("b2", "b5", "seed1")
+    b2, b5, seed1 = (np.load(tmp_path / f"{name}.npz")["images"].astype(int) for name in names)
     assert np.array_equal(b2, b5)  # each sample's own noise, whatever the chunks
     assert np.abs(b2 - seed1).mean() > 30  # another seed, other noise (seed << 32 + j gave the same)
     assert np.abs(b2[0] - b2[1]).mean() > 30
@@ -511,19 +546,20 @@ def test_save_samples_noise_follows_the_seed_not_the_batch_size(tmp_path, monkey
 
 def test_benchmark_prints_eager_and_compiled_speeds(capsys, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model: model)  # the slow test runs the real compile
-    run_main("--benchmark", "--dataset", "fashion", "--batch-size", 4, *TINY)
-    line = capsys.readouterr().out
-    assert "train eager" in line and "compiled" in line and line.count("img/s") == 3 and "MFU unknown" in line
-    run_main("--benchmark", "--dataset", "mnist", "--batch-size", 4, "--peak-tflops", 1.0, *TINY)
-    assert "% of 1.0 TFLOP/s" in capsys.readouterr().out
+    for dataset in ("fashion", "folder"):
+        run_main("--benchmark", "--dataset", dataset, "--res", 28, "--batch-size", 4, *TINY)
+        rows = [line.split("|") for line in capsys.readouterr().out.splitlines() if line.startswith("| JiT")]
+        assert [row[1].strip() for row in rows] == [f"JiT-tiny 28 px fp32, {name}" for name in ("eager",
+                                                                                               "compiled")]
+        assert all(float(row[2]) > 0 and float(row[3]) > 0 for row in rows)  # training and sampling img/s
 
 
 def test_gpu_sized_recipes_on_a_cpu_print_their_run_time_first(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(jit, "GPU_PRESETS", ("tiny",))
     mnist_run(tmp_path)
     out = capsys.readouterr().out
-    assert out.index("timing 2 steps") < out.index("would take about") < out.index("done:")
-    assert "--model mnist" in out
+    assert out.index("timing 2 steps") < out.index("would take about") < out.index("step 2/2")
+    assert "for CPU runs pass --quick" in out
 
 
 def test_the_two_notebook_lines_of_the_readme(tmp_path, monkeypatch):
@@ -535,7 +571,7 @@ def test_the_two_notebook_lines_of_the_readme(tmp_path, monkeypatch):
     model, config = load_model("runs/celeba_jit/last.pt")
     images = generate(model, torch.randn(10, 1, 28, 28), torch.arange(10), cfg=2.0, steps=49)
     assert images.shape == (10, 1, 28, 28) and torch.isfinite(images).all() and images.std() > 0
-    assert config["classes"] == [str(k) for k in range(10)] and config["pred"] == "x" and not model.training
+    assert config["dataset"] == "mnist" and config["pred"] == "x" and not model.training
 
 
 def test_help_shows_every_default_once_and_the_presets(capsys, monkeypatch):
@@ -543,15 +579,18 @@ def test_help_shows_every_default_once_and_the_presets(capsys, monkeypatch):
     with pytest.raises(SystemExit):
         jit.parse_args(["--help"])
     text = capsys.readouterr().out
-    for default in ["(default: 100)", "(default: 128)", "(default: 0.9999)", "(default: -0.8, the paper's",
-                    "(default: 50)", "(default: heun)", "(default: 1000)", "(default: 0.1 1.0)",
-                    "(default: runs/celeba_jit)", "(default: 3, JiT-B's", "(default: auto)", "(default: x)",
-                    "(default: 0)"]:
+    for default in ["(default: 100)", "(default: 128)", "(default: 0.9999)", "(default: 50)",
+                    "(default: heun)", "(default: 0 at --res 32 and below, else the paper's -0.8)",
+                    "(default: 1000)", "(default: 0.1 1.0)", "(default: runs/celeba_jit)",
+                    "(default: 3; 1: off)", "(default: auto)", "(default: x)", "(default: 0)"]:
         assert text.count(default) == 1, default
     assert "default: None" not in text and "default: False" not in text and "see PRESETS" not in text
     for name, p in jit.PRESETS.items():
         assert f"{name}: {p['depth']} x {p['dim']}, {p['heads']} heads, patch {p['patch']}" in text
     assert "don't use both" in text  # the t shift above 256 px and --noise-scale 2 at 512 px are the same
+    # what a flag does, not what was measured with it; w = 3 is not the official JiT-B/16 command's 2.9
+    for measured in ["FD ", "measured", "README", "94.5", "JiT-B's"]:
+        assert measured not in text, measured
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -566,10 +605,10 @@ def test_help_shows_every_default_once_and_the_presets(capsys, monkeypatch):
     (["--num-samples", "0"], "--num-samples must be between 1 and 1,000,000"),
     (["--num-samples", "1000001"], "--num-samples must be between 1 and 1,000,000"),
     (["--device", "gpu"], "--device gpu is not a device"),
-    (["--cfg-interval", "0.5", "0.2"], "--cfg-interval 0.5 0.2 must satisfy"),
+    (["--cfg-interval", "0.5", "0.2"], "--cfg-interval LO HI must satisfy 0 <= LO < HI <= 1"),
     (["--patch", "0"], "--patch must be positive, got 0"),
     (["--steps", "100000000"], "--steps must be between 1 and 10,000"),
-    (["--dataset", "folder", "--res", "0"], "--res must be positive, got 0"),
+    (["--dataset", "folder", "--res", "0"], "--res must be between 1 and 4,096, got 0"),
     (["--dataset", "fashion", "--res", "32"], "fashion images are 28 px"),
     (["--t-eps", "1"], "--t-eps < 1"),
     (["--ema", "1"], "0 < --ema < 1"),
@@ -577,6 +616,8 @@ def test_help_shows_every_default_once_and_the_presets(capsys, monkeypatch):
     (["--save-samples", "x.txt"], "--save-samples x.txt: pass a file name ending in .npz"),
     (["--resume", "a.pt", "--sample", "b.pt"], "not both"),
     (["--dataset", "mnist", "--no-flip"], "mnist images are never flipped"),
+    (["--dataset", "folder", "--cfg", "2"], "--cfg: this model is unconditional"),
+    (["--dataset", "celeba", "--cfg", "2", "--data-dir", "."], "--cfg: this model is unconditional"),
     (["--res", "17", "--dataset", "folder", "--patch", "4", "--stride", "3"], "use --res 16 or 19"),
 ], ids=lambda v: v if isinstance(v, str) else " ".join(v))
 def test_bad_flags_are_refused_in_one_sentence(tmp_path, capsys, argv, message):
@@ -584,12 +625,7 @@ def test_bad_flags_are_refused_in_one_sentence(tmp_path, capsys, argv, message):
     assert not (tmp_path / "never").exists()  # refused before anything is written
 
 
-def test_bad_data_and_checkpoints_are_refused(tmp_path, monkeypatch, capsys):
-    import torchvision
-
-    def quota(*a, **k):
-        raise RuntimeError("Too many users have viewed or downloaded this file recently")
-    monkeypatch.setattr(torchvision.datasets, "CelebA", quota)
+def test_bad_data_and_checkpoints_are_refused(tmp_path, capsys):
     out = tmp_path / "out"
     fail = lambda *argv: refusal(capsys, *argv, "--out", out, *TINY)
     assert "mmlab.ie.cuhk.edu.hk" in fail("--dataset", "celeba", "--data-dir", tmp_path / "nothing")
@@ -630,8 +666,14 @@ def test_bad_data_and_checkpoints_are_refused(tmp_path, monkeypatch, capsys):
         assert message in refusal(capsys, "--sample", out / "last.pt", "--save-samples", target,
                                   "--out", tmp_path / "never", "--device", "cpu")
     assert not (tmp_path / "never").exists()  # refused before any work
-    assert "larger than the dataset" in fail(*good[:-4], "--batch-size", 64, "--overwrite")
+    assert "fewer images than --batch-size 64" in fail(*good[:-4], "--batch-size", 64, "--overwrite")
     assert (out / "last.pt").read_bytes() == before  # nothing overwritten by the failed runs
+    old = torch.load(out / "last.pt", weights_only=True)  # a checkpoint whose parameters have other names
+    old.pop("checksum")
+    old["ema"] = {f"old.{name}": value for name, value in old["ema"].items()}
+    common.save_checkpoint(tmp_path / "old.pt", old)
+    assert "does not fit this version of celeba_jit.py" in refusal(capsys, "--sample", tmp_path / "old.pt",
+                                                                   "--out", tmp_path / "s", "--device", "cpu")
 
 
 def test_a_fresh_run_never_replaces_a_checkpoint_and_a_locked_out_is_refused(tmp_path, capsys):
@@ -657,7 +699,7 @@ def test_a_non_finite_loss_stops_before_the_checkpoint(tmp_path, monkeypatch, ca
     monkeypatch.setattr(jit, "flow_matching_loss", lambda *a, **k: loss(*a, **k) * float("nan"))
     message = refusal(capsys, "--dataset", "mnist", "--data-dir", tmp_path / "mnist", "--batch-size", 16,
                       "--epochs", 2, "--out", tmp_path / "run", *TINY, "--resume", ckpt)
-    assert "the loss became nan by step 4 (epoch 2)" in message and "--lr" in message
+    assert "the loss became nan at step 3" in message and "--lr" in message
     assert ckpt.read_bytes() == before
 
 
@@ -665,7 +707,7 @@ def test_ctrl_c_during_training_is_one_line_and_leaves_no_temp(tmp_path):
     root = make_mnist_root(tmp_path / "mnist", n=64)
     out = tmp_path / "run"
     cmd = [sys.executable, os.path.join(REPO, "celeba_jit.py"), "--dataset", "mnist", "--data-dir", root,
-           "--batch-size", 16, "--epochs", 1000, "--sample-every", 1000, "--out", str(out), *TINY]
+           "--batch-size", 16, "--epochs", 1000, "--out", str(out), *TINY]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120
@@ -694,8 +736,54 @@ CIFAR_GRID = ["--model", "mnist", "--patch", "4", "--stride", "4"]
 @pytest.mark.parametrize("flags, mu", [(["--dataset", "fashion"], 0.0), (["--dataset", "mnist"], 0.0),
                                        (["--dataset", "cifar10", *CIFAR_GRID], 0.0),
                                        (["--dataset", "celeba"], -0.8),
+                                       (["--dataset", "folder", "--res", "28", *CIFAR_GRID], 0.0),
+                                       (["--dataset", "folder", "--res", "32", *CIFAR_GRID], 0.0),
+                                       (["--dataset", "folder", "--res", "64", *CIFAR_GRID], -0.8),
+                                       (["--dataset", "celeba", "--res", "16", "--model", "tiny"], 0.0),
                                        (["--dataset", "fashion", "--t-mu", "-0.8"], -0.8)])
-def test_default_t_mu_is_the_measured_one_for_small_images(flags, mu):
+def test_default_t_mu_follows_the_resolution(flags, mu):
+    """0 at 32 px and below, whatever the data; the paper's -0.8 above."""
     args = jit.validate(jit.parse_args(flags))
     assert args.t_mu == mu
-    assert jit.effective_t_mu(args.t_mu, args.res) == mu  # 28-256 px: never shifted
+    assert jit.effective_t_mu(args.t_mu, args.res) == mu  # up to 256 px: never shifted
+
+
+# ---------------------------------------------------------------------------------------- --quick, notes
+QUICK_ARGV = ["--model", "mnist", "--epochs", "8", "--batch-size", "64", "--warmup-epochs", "0.5",
+              "--ema-warmup", "22", "--cfg", "3.5", "--cfg-interval", "0.2", "0.9", "--compile"]
+
+
+def test_quick_is_the_cpu_recipe_and_an_explicit_flag_wins(capsys, monkeypatch):
+    quick = vars(jit.parse_args(["--quick", "--dataset", "fashion"]))
+    spelled_out = vars(jit.parse_args(["--dataset", "fashion", *QUICK_ARGV]))
+    quick.pop("quick")
+    spelled_out.pop("quick")
+    assert quick == spelled_out
+    assert quick["model"] == "mnist" and quick["patch"] == 7 and quick["lr"] == 1e-3  # the mnist preset's
+    assert quick["epochs"] == 8 and quick["cfg_interval"] == [0.2, 0.9] and quick["compile"]
+    mine = jit.parse_args(["--dataset", "fashion", "--epochs", "2", "--quick", "--model", "tiny",
+                           "--cfg", "2"])
+    assert (mine.epochs, mine.model, mine.patch, mine.cfg, mine.ema_warmup) == (2, "tiny", 4, 2.0, 22)
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit):
+        jit.parse_args(["--help"])
+    assert "the CPU recipe: " + " ".join(QUICK_ARGV) + ";" in capsys.readouterr().out  # every value it sets
+
+
+def test_warm_ups_longer_than_the_run_are_named_at_the_start(tmp_path, capsys):
+    mnist_run(tmp_path, "--warmup-epochs", 5, "--ema-warmup", 10, "--epochs", 3)  # 2 steps an epoch: 6 steps
+    out = capsys.readouterr().out
+    assert "note: --warmup-epochs 5 is longer than the run" in out
+    assert "note: --ema-warmup 10 is longer than the run" in out
+    assert out.index("note: --warmup-epochs") < out.index("step 6/6")
+    mnist_run(tmp_path, "--warmup-epochs", 1, "--ema-warmup", 2, "--epochs", 3, out="short")
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_an_out_inside_the_image_folder_is_refused(tmp_path, capsys):
+    folder = make_image_folder(tmp_path / "imgs", n=4)
+    flags = ["--dataset", "folder", "--data-dir", folder, "--res", 16, "--batch-size", 4, *TINY]
+    for out in (folder, tmp_path / "imgs" / "runs"):
+        assert "is in the data folder" in refusal(capsys, *flags, "--out", out)
+    assert not (tmp_path / "imgs" / "runs").exists()
+    assert not [f for f in os.listdir(folder) if f.endswith(".lock") or f.startswith(".celeba_jit-cache")]
