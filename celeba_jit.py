@@ -291,10 +291,7 @@ def load_model(path, device="cpu", ema=True):
     """A trained model (the EMA weights unless ema=False) in eval mode, and the flags it was trained with."""
     ckpt = common.load_checkpoint(path, SCRIPT)
     model = make_model(ckpt["config"])
-    try:
-        model.load_state_dict(ckpt["ema" if ema else "model"])
-    except RuntimeError:  # e.g. written by a version of this script with other parameter names
-        raise common.UserError(f"{path} does not fit this version of {SCRIPT}.py; train it again")
+    common.load_state(model, ckpt["ema" if ema else "model"], f"the weights of {path}")
     return model.to(device).eval(), dict(ckpt["config"], epoch=ckpt["epoch"])
 
 

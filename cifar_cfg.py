@@ -343,7 +343,7 @@ def load_model(path, device="cpu", ema=True):
     ckpt = common.load_checkpoint(path, SCRIPT)
     config = dict(ckpt["config"], image_shape=ckpt["image_shape"])
     model = UNet(config["channels"], config["image_shape"][0]).to(device)
-    model.load_state_dict(ckpt["ema"] if ema else ckpt["model"])
+    common.load_state(model, ckpt["ema"] if ema else ckpt["model"], f"the weights of {path}")
     return model.eval(), config
 
 

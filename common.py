@@ -114,7 +114,7 @@ def add_run_flags(p, script, num_samples):
     add("--device", help="cpu, cuda, cuda:N or mps (unset: the best available)")
     add("--precision", choices=PRECISIONS, default="auto", help="autocast: auto is bf16 on GPUs of compute "
         "capability >= 8.0, fp16 with a gradient scaler on older GPUs, fp32 on a CPU")
-    add("--seed", type=int, default=0, help="random seed, 0 to 2**31-1; rank r of torchrun uses seed + r")
+    add("--seed", type=int, default=0, help="random seed, 0 to 2**31-1")
     add("--compile", action="store_true", help="torch.compile the network (slower start, faster steps)")
     add("--benchmark", action="store_true", help="no training: print training and sampling img/s")
 
@@ -203,10 +203,14 @@ def lock_out(folder):
         holder = f.read().strip() or "unknown"
         raise UserError(f"{folder} is in use by another training run (pid {holder}); wait for it, stop it, "
                         f"or pass another --out")
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+    try:
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+    except OSError as e:
+        raise UserError(f"cannot write the lock file {path} ({e.strerror}); free some space or pass another "
+                        f"--out")
     LOCKS.append(f)
 
 
@@ -409,6 +413,9 @@ def load_dataset(name, data_dir, train=True):
         labels = np.concatenate([p[1] for p in parts])
         return torch.from_numpy(images), torch.from_numpy(labels)
     images = read_idx(files[0], 3)
+    if images.shape[1:] != (28, 28):
+        raise UserError(f"{files[0]} holds {images.shape[1]}x{images.shape[2]} images, not {cls}'s 28x28; "
+                        f"replace it with the original file")
     labels = read_idx(files[1], 1)
     check_labels(files[1], labels, len(images), 10)
     return torch.from_numpy(images[:, None].copy()), torch.from_numpy(labels.astype(np.int64))
@@ -456,10 +463,13 @@ def read_cifar_batch(path):
     try:
         with open(path, "rb") as f:
             batch = _CifarUnpickler(f, encoding="latin1").load()
-        images = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        if np.asarray(batch["data"]).dtype != np.uint8:  # a cast would turn NaN or 300.0 into some byte
+            raise TypeError(f"its pixels are {np.asarray(batch['data']).dtype}, not uint8")
+        images = np.asarray(batch["data"]).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch["labels"], dtype=np.int64)
     except Exception as e:
-        raise UserError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
+        reason = " ".join(str(e).split())  # a pickle error's text may span lines
+        raise UserError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {reason}); "
                         f"replace it with the original file")
     check_labels(path, labels, len(images), 10)
     return images, labels
@@ -671,6 +681,16 @@ def checksum(state):
     return h.hexdigest()
 
 
+def load_state(obj, state, what):
+    """obj.load_state_dict(state), or one sentence saying that `what` (a checkpoint's part) does not fit."""
+    try:
+        obj.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(f"{what} does not fit this run ({reason}); pass the flags it was trained with, or a "
+                        f"checkpoint of this version")
+
+
 def save_checkpoint(path, state):
     """Written atomically, with a checksum that load_checkpoint verifies."""
     atomic_write(path, lambda tmp: torch.save(dict(state, checksum=checksum(state)), tmp))
@@ -683,8 +703,11 @@ def load_checkpoint(path, script, config=None, must_match=()):
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; pass the checkpoint file inside it "
                         f"(e.g. {os.path.join(path, 'last.pt')})")
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist; pass a .pt file written by {script}.py")
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} is not a regular file (a device or a FIFO?); pass a .pt file "
+                        f"written by {script}.py")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
@@ -810,8 +833,8 @@ class Run:
                 raise UserError(f"{path} exists and is not a file (a folder?), but this run writes it; "
                                 f"remove it or pass another --out")
         prepare_out(args.out)  # on every rank: a bad --out stops each of them, none waits for the others
-        fresh = self.ckpt is None and metrics is None
-        self.metrics = metrics or Metrics(os.path.join(args.out, "metrics.jsonl"), fresh)
+        self.fresh = self.ckpt is None and metrics is None  # starts metrics.jsonl anew, once it holds the lock
+        self.metrics = metrics or Metrics(os.path.join(args.out, "metrics.jsonl"), fresh=False)
         self.epoch = 0  # epochs done
         self.step = 0
         self.losses = []
@@ -824,6 +847,8 @@ class Run:
         def lock_and_load():
             if self.rank == 0:
                 lock_out(self.out)
+                if self.fresh and os.path.exists(self.metrics.path):
+                    os.remove(self.metrics.path)
             return load()
         return rank0_first(lock_and_load, self.rank, self.world)
 
@@ -837,14 +862,8 @@ class Run:
             if key not in self.ckpt:
                 raise UserError(f"{self.config['resume']} holds no {key} state (written by another version "
                                 f"of {self.script}.py?); pass a checkpoint of this version or start afresh")
-            if obj is None or not self.ckpt[key]:  # an fp16 scaler saves {} when it is off
-                continue
-            try:
-                obj.load_state_dict(self.ckpt[key])
-            except (RuntimeError, ValueError, KeyError, TypeError) as e:
-                reason = " ".join(str(e).split())[:200]
-                raise UserError(f"the {key} of {self.config['resume']} does not fit this run ({reason}); "
-                                f"pass the flags it was trained with, or another checkpoint")
+            if obj is not None and self.ckpt[key]:  # an fp16 scaler saves {} when it is off
+                load_state(obj, self.ckpt[key], f"the {key} of {self.config['resume']}")
         self.epoch = self.ckpt["epoch"]
         self.step = self.ckpt["step"]
         self.losses = list(self.ckpt["losses"])
@@ -946,7 +965,11 @@ def save_samples(path, sample, n, batch, shape, labels, seed, evaluate_args):
         js = range(start, min(n, start + batch))
         noise = torch.stack([sample_noise(seed, j, shape) for j in js])
         y = torch.from_numpy(labels[start:start + len(js)]) if labels[0] >= 0 else None
-        chunks[i] = to_uint8(sample(noise, y)).numpy()
+        images = sample(noise, y)
+        if not torch.isfinite(images).all():
+            raise UserError(f"the model made non-finite samples (NaN or inf weights?), so {path} was not "
+                            f"written; sample another checkpoint")
+        chunks[i] = to_uint8(images).numpy()
         progress.update(min(n, (i + world) * batch), len(js) * world)  # all ranks' work, as rank 0 sees it
     if world > 1:
         everyone = [None] * world

@@ -638,6 +638,18 @@ def test_run_refusals_are_one_sentence(tmp_path):
         toy_training(toy_args(tmp_path / "d"), epochs=1)
 
 
+def test_a_run_refused_by_the_lock_leaves_the_running_jobs_metrics_alone(tmp_path):
+    toy_training(toy_args(tmp_path), epochs=1)
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    common.lock_out(str(tmp_path / "run"))  # another training run holds this --out
+    try:
+        with pytest.raises(common.UserError, match="in use by another training run"):
+            common.Run("toy", toy_args(tmp_path, overwrite=True), ()).load(lambda: None)
+    finally:
+        common.LOCKS.pop().close()
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
 def test_run_stops_on_a_nan_loss_before_writing_its_checkpoint(tmp_path):
     with pytest.raises(common.UserError, match="the loss became nan at step 1, so training stopped before"):
         toy_training(toy_args(tmp_path), epochs=1, loss_scale=float("nan"))
@@ -660,3 +672,61 @@ def test_run_flags_out_of_range_are_refused(flag, value, fragment):
     setattr(args, flag, value)
     with pytest.raises(common.UserError, match=fragment):
         common.check_run_flags(args)
+
+
+# ------------------------------------------------------------------ inputs that load but do not fit (break-it)
+def test_a_checkpoint_path_that_is_no_file_says_so():
+    with pytest.raises(common.UserError, match="/dev/null is not a regular file"):
+        common.load_checkpoint("/dev/null", "toy")
+
+
+def test_a_state_that_does_not_fit_is_one_sentence():
+    with pytest.raises(common.UserError, match="the weights of x.pt does not fit this run .*size mismatch"):
+        common.load_state(torch.nn.Linear(2, 2), {"weight": torch.zeros(3, 3), "bias": torch.zeros(3)},
+                          "the weights of x.pt")
+
+
+def test_mnist_files_of_another_image_size_are_refused(tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    make_mnist_root(tmp_path, n=8)
+    with open(raw / "train-images-idx3-ubyte", "wb") as f:  # a well-formed idx file of 8 16x16 images
+        f.write(bytes([0, 0, 8, 3]) + (8).to_bytes(4, "big") + (16).to_bytes(4, "big") * 2 + bytes(8 * 256))
+    with pytest.raises(common.UserError, match="holds 16x16 images, not MNIST's 28x28"):
+        common.load_dataset("mnist", str(tmp_path))
+
+
+def test_cifar_batches_of_float_pixels_or_random_bytes_are_one_line(tmp_path):
+    make_cifar_root(tmp_path, n=10)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    with open(batch, "wb") as f:
+        pickle.dump({"data": np.full((2, 3072), np.nan), "labels": [0, 1]}, f)
+    with pytest.raises(common.UserError, match="its pixels are float64, not uint8"):
+        common.load_dataset("cifar10", str(tmp_path))
+    batch.write_bytes(bytes(random.Random(0).getrandbits(8) for _ in range(5000)))
+    with pytest.raises(common.UserError) as error:
+        common.load_dataset("cifar10", str(tmp_path))
+    assert "\n" not in str(error.value) and "not a CIFAR-10 python batch" in str(error.value)
+
+
+def test_samples_of_nan_weights_are_not_written(tmp_path):
+    with pytest.raises(common.UserError, match="non-finite samples .* was not written"):
+        common.save_samples(str(tmp_path / "s.npz"), lambda noise, y: noise * float("nan"), 4, 2, (1, 2, 2),
+                            [0, 1, 0, 1], 0, "")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_while_writing_the_lock_is_one_sentence(tmp_path, monkeypatch):
+    fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def flush(self):
+            raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fdopen", lambda *a, **k: FullDisk(fdopen(*a, **k)))
+    with pytest.raises(common.UserError, match="cannot write the lock file .*No space left on device"):
+        common.lock_out(str(tmp_path))
