@@ -183,6 +183,15 @@ def check_fresh_run(checkpoint, resume, overwrite, script):
                         f"to continue it, --overwrite to start over, or another --out")
 
 
+def check_outputs(out, names):
+    """Before any work: each file a run will write into --out must not be a folder (or a link, a FIFO...)."""
+    for name in names:
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise UserError(f"{path} exists and is not a file (a folder?), but this run writes it; "
+                            f"remove it or pass another --out")
+
+
 LOCKS = []  # lock_out's open files, kept for the life of the process: closing one releases its lock
 
 
@@ -827,13 +836,9 @@ class Run:
         self.label = label  # shown in the progress line and written in metrics.jsonl (mnist's runs)
         self.ckpt = load_checkpoint(args.resume, script, self.config, must_match) if args.resume else None
         check_fresh_run(self.path, args.resume, args.overwrite, script)
-        for file in (f"{name}.pt", "metrics.jsonl", ".lock", *outputs):
-            path = os.path.join(args.out, file)
-            if os.path.lexists(path) and not os.path.isfile(path):
-                raise UserError(f"{path} exists and is not a file (a folder?), but this run writes it; "
-                                f"remove it or pass another --out")
+        check_outputs(args.out, [f"{name}.pt", "metrics.jsonl", ".lock", *outputs])
         prepare_out(args.out)  # on every rank: a bad --out stops each of them, none waits for the others
-        self.fresh = self.ckpt is None and metrics is None  # starts metrics.jsonl anew, once it holds the lock
+        self.fresh = self.ckpt is None and metrics is None  # metrics.jsonl starts anew once the lock is held
         self.metrics = metrics or Metrics(os.path.join(args.out, "metrics.jsonl"), fresh=False)
         self.epoch = 0  # epochs done
         self.step = 0
@@ -864,6 +869,9 @@ class Run:
                                 f"of {self.script}.py?); pass a checkpoint of this version or start afresh")
             if obj is not None and self.ckpt[key]:  # an fp16 scaler saves {} when it is off
                 load_state(obj, self.ckpt[key], f"the {key} of {self.config['resume']}")
+        if not (isinstance(self.ckpt.get("epoch"), int) and isinstance(self.ckpt.get("step"), int)):
+            raise UserError(f"{self.config['resume']} has no whole epoch and step count; pass a checkpoint "
+                            f"written by {self.script}.py")
         self.epoch = self.ckpt["epoch"]
         self.step = self.ckpt["step"]
         self.losses = list(self.ckpt["losses"])

@@ -763,6 +763,8 @@ def main(argv=None):
     prompts = ["", chosen["prompt"], chosen["edit_prompt"], *chosen["anagram"], *chosen["hybrid"]]
     if backend == "exact":
         model.check(prompts)
+    tasks = list(TASKS) if args.task == "all" else [args.task]
+    common.check_outputs(args.out, [f"{name}.png" for name in tasks])
     common.prepare_out(args.out)
     note = " (the exact backend always computes in fp32)" if backend == "exact" else ""
     print(f"precision: {precision}{note}")
@@ -771,7 +773,6 @@ def main(argv=None):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         model = load_deepfloyd(args.model_id, embeds, prompts, device, dtype, args.cpu_offload)
     ts = strided_timesteps(args.steps_stride)
-    tasks = list(TASKS) if args.task == "all" else [args.task]
     total = sum(task_steps(name, ts, chosen["cfg"]) for name in tasks)
     progress = common.Progress(total, prefix="denoising step", enabled=backend == "deepfloyd")
     ctx = Context(model=model, abar=abar.to(device), ts=ts, images=images.to(device), image_names=image_names,

@@ -67,6 +67,8 @@ NUM_CLASSES = 10
 NULL = NUM_CLASSES                              # the dropped class: its one-hot is all zeros
 TRAINING_KEYS = ("dataset", "quick", "hidden", "batch_size", "lr", "seed")  # what --resume must match
 LOG_EVERY = 50                                  # steps per metrics.jsonl line (and non-finite loss check)
+FIGURES = ("loss.png", "noising.png", "ood.png", "samples.png", "path.png", "velocity.png", "trajectory.png",
+           "trajectory.gif", "guidance.png")  # each run's, after its name
 SAMPLE_CHUNK = 250                              # --save-samples images per batch (memory, progress)
 TITLES = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}
 
@@ -129,8 +131,11 @@ def generate(model, noise, y, cfg, steps, precision="fp32", on_step=None):
 def load_model(path, device="cpu", compile_model=False):
     """A trained model (eval mode) and its config (the flags, the run and its settings) from a checkpoint."""
     ckpt = common.load_checkpoint(path, SCRIPT)
-    model = make_model(RUNS[ckpt["run"]]["cond"], ckpt["settings"]["hidden"], device, compile_model)
-    model.load_state_dict(ckpt["model"])
+    if ckpt.get("run") not in RUNS or not isinstance(ckpt.get("settings"), dict):
+        raise common.UserError(f"{path} names no run of {SCRIPT}.py ({ckpt.get('run')!r}); pass a checkpoint "
+                               f"this version wrote")
+    model = make_model(RUNS[ckpt["run"]]["cond"], ckpt["settings"].get("hidden"), device, compile_model)
+    common.load_state(model, ckpt.get("model"), f"the weights of {path}")
     return model.eval(), {**ckpt["config"], **ckpt["settings"], "run": ckpt["run"]}
 
 
@@ -453,6 +458,7 @@ def main(argv=None):
         if cond == "none":
             raise common.UserError(f"{args.sample} holds the {config['run']} denoiser, which cannot sample; "
                                    "pass an fm or cfg checkpoint")
+        common.check_outputs(args.out, ["samples.npz", "samples.png"])
         out = common.prepare_out(args.out)
         w = args.cfg if args.cfg is not None else (QUICK_CFG_W if config["quick"] else CFG_W)
         path = args.save_samples or os.path.join(out, "samples.npz")
@@ -491,8 +497,10 @@ def main(argv=None):
         run_args = dict(vars(args), part=part)  # the checkpoint's config: a later --resume reads its part
         if ckpt and name != ckpt["run"]:  # the runs after the resumed one train afresh, replacing their files
             run_args.update(resume=None, overwrite=True)
+        epochs = range(1, plans[name]["epochs"] + 1)
+        outputs = [f"{name}_{figure}" for figure in FIGURES] + [f"{name}_epoch{e}.png" for e in epochs]
         runs[name] = common.Run(SCRIPT, argparse.Namespace(**run_args), TRAINING_KEYS, name=name, label=name,
-                                log_every=LOG_EVERY, metrics=metrics)
+                                outputs=outputs, log_every=LOG_EVERY, metrics=metrics)
     data = runs[names[0]].load(lambda: load_data(args.dataset, args.data_dir, args.quick, device))
     if not args.resume and os.path.exists(metrics.path):
         os.remove(metrics.path)

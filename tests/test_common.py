@@ -633,6 +633,12 @@ def test_run_refusals_are_one_sentence(tmp_path):
     common.save_checkpoint(str(tmp_path / "old.pt"), ckpt)
     with pytest.raises(common.UserError, match="holds no optimizer state"):
         toy_training(toy_args(tmp_path, resume=str(tmp_path / "old.pt")), epochs=2)
+    ckpt = torch.load(last, weights_only=True)
+    ckpt.pop("checksum")
+    ckpt["epoch"] = "1"  # an edited file
+    common.save_checkpoint(str(tmp_path / "edited.pt"), ckpt)
+    with pytest.raises(common.UserError, match="has no whole epoch and step count"):
+        toy_training(toy_args(tmp_path, resume=str(tmp_path / "edited.pt")), epochs=2)
     (tmp_path / "d" / "run" / "loss.png").mkdir(parents=True)
     with pytest.raises(common.UserError, match="loss.png exists and is not a file"):
         toy_training(toy_args(tmp_path / "d"), epochs=1)

@@ -580,3 +580,10 @@ def test_missing_diffusers(bad_files, tiny_model, monkeypatch):
     embeds = tiny_model / "embeds.pth"
     message = main_error(bad_files, *DF, "--embeds", embeds, "--model-id", tiny_model / "model")
     assert "needs diffusers" in message
+
+
+def test_a_figure_name_taken_by_a_folder_is_refused_before_any_task(tmp_path):
+    (tmp_path / "out" / "forward.png").mkdir(parents=True)
+    message = main_error(tmp_path, "--backend", "exact", "--device", "cpu", "--task", "forward")
+    assert "forward.png exists and is not a file" in message
+    assert os.listdir(tmp_path / "out") == ["forward.png"]

@@ -655,3 +655,26 @@ def test_compiled_and_eager_checkpoints_resume_each_other_and_benchmark(tmp_path
         row = [line for line in table if line.startswith(f"| {name} |")]
         numbers = [float(v) for v in row[0].strip("| ").split(" | ")[1:]]
         assert len(numbers) == 2 and all(v > 0 for v in numbers), row
+
+
+def test_an_output_name_taken_by_a_folder_is_refused_before_training(tmp_path):
+    root = make_mnist_root(tmp_path / "data", n=64)
+    (tmp_path / "out" / "fm_loss.png").mkdir(parents=True)
+    with pytest.raises(common.UserError, match="fm_loss.png exists and is not a file"):
+        main("--data-dir", root, "--out", tmp_path / "out", "--part", "fm", *TINY)
+    assert sorted(os.listdir(tmp_path / "out")) == ["fm_loss.png"]  # nothing trained or written
+
+
+def test_a_checkpoint_naming_no_run_is_one_sentence(cli_run, tmp_path):
+    _, _, out, _ = cli_run
+    ckpt = torch.load(out / "fm.pt", weights_only=True)
+    ckpt.pop("checksum")
+    ckpt["run"] = "sdxl"
+    common.save_checkpoint(str(tmp_path / "odd.pt"), ckpt)
+    with pytest.raises(common.UserError, match="names no run of mnist_unet.py \\('sdxl'\\)"):
+        main("--sample", tmp_path / "odd.pt", "--out", tmp_path / "s", "--device", "cpu")
+    ckpt["run"] = "fm"
+    ckpt["model"] = {k: v[:1] if v.dim() else v for k, v in ckpt["model"].items()}  # edited: other shapes
+    common.save_checkpoint(str(tmp_path / "cut.pt"), ckpt)
+    with pytest.raises(common.UserError, match="the weights of .*cut.pt does not fit this run"):
+        main("--sample", tmp_path / "cut.pt", "--out", tmp_path / "s", "--device", "cpu")
