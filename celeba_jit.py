@@ -32,14 +32,14 @@ from PIL import Image
 import common
 
 SCRIPT = "celeba_jit"
-# depth x dim, heads, patch p and stride s (s < p overlaps), bottleneck of the patch embedding. "blog": the
-# write-up's 12 x 768 p=16 s=12 model; "B": JiT-B/16 (131M; without the official in-context class tokens).
+# depth x dim, heads, patch p and stride s (s < p overlaps), bottleneck of the patch embedding, in-context
+# class tokens (how many, from which block). "blog": the write-up's 12 x 768 p=16 s=12 model; "B": JiT-B/16.
 PRESETS = {
-    "tiny": dict(depth=2, dim=32, heads=2, patch=4, stride=3, bottleneck=16),
+    "tiny": dict(depth=2, dim=32, heads=2, patch=4, stride=3, bottleneck=16, context=(0, 0)),
     # the CPU recipe's: its 64-wide bottleneck passes all 49 numbers of a 7 x 7 grey patch
-    "mnist": dict(depth=4, dim=128, heads=4, patch=7, stride=7, bottleneck=64),
-    "blog": dict(depth=12, dim=768, heads=12, patch=16, stride=12, bottleneck=128),
-    "B": dict(depth=12, dim=768, heads=12, patch=16, stride=16, bottleneck=128),
+    "mnist": dict(depth=4, dim=128, heads=4, patch=7, stride=7, bottleneck=64, context=(0, 0)),
+    "blog": dict(depth=12, dim=768, heads=12, patch=16, stride=12, bottleneck=128, context=(0, 0)),
+    "B": dict(depth=12, dim=768, heads=12, patch=16, stride=16, bottleneck=128, context=(32, 4)),
 }
 LR = {"tiny": 1e-3, "mnist": 1e-3, "blog": 1e-4, "B": 2e-4}  # AdamW learning rate per preset
 GPU_PRESETS = ("blog", "B")  # on a CPU, these first say how long the run would take
@@ -232,7 +232,7 @@ def timestep_embedding(t, dim=256, max_period=10000.0):
 class JiT(nn.Module):
     """Its pred, noise_scale and t_eps tell generate() how to read the output (as the official Denoiser)."""
 
-    def __init__(self, res, channels, num_classes, depth, dim, heads, patch, stride, bottleneck, pred,
+    def __init__(self, res, channels, num_classes, depth, dim, heads, patch, stride, bottleneck, context, pred,
                  noise_scale, t_eps):
         super().__init__()
         self.res = res
@@ -243,12 +243,17 @@ class JiT(nn.Module):
         self.pred = pred
         self.noise_scale = noise_scale
         self.t_eps = t_eps
+        self.context, self.context_start = context  # in-context class tokens: how many, from which block
         n = check_grid(res, patch, stride)
         # bottleneck patch embedding p*p*C -> d' -> D (a pair of convolutions in the official code)
         self.embed = nn.Sequential(nn.Linear(channels * patch * patch, bottleneck, bias=False),
                                    nn.Linear(bottleneck, dim))
         self.register_buffer("pos", sincos_2d(n, dim), persistent=False)
         cos, sin = rope_2d(n, dim // heads)
+        if self.context:  # the class tokens are not rotated (angle 0)
+            cos = F.pad(cos, (0, 0, self.context, 0), value=1.0)
+            sin = F.pad(sin, (0, 0, self.context, 0))
+            self.context_pos = nn.Parameter(torch.empty(1, self.context, dim))
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         self.t_embed = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
@@ -265,6 +270,8 @@ class JiT(nn.Module):
                     nn.init.zeros_(m.bias)
         for weight in [self.y_embed.weight, self.t_embed[0].weight, self.t_embed[2].weight]:
             nn.init.normal_(weight, std=0.02)
+        if self.context:
+            nn.init.normal_(self.context_pos, std=0.02)
         for layer in [block.ada[1] for block in self.blocks] + [self.final_ada[1], self.head]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -272,11 +279,17 @@ class JiT(nn.Module):
     def forward(self, z_t, t, y):
         """z_t (B, C, H, W), t (B,), labels y (B,) (num_classes: null) -> the output, read as x, v or e."""
         x = self.embed(patchify(z_t, self.patch, self.stride)) + self.pos
-        c = self.t_embed(timestep_embedding(t)) + self.y_embed(y)
-        for block in self.blocks:
-            x = block(x, c, self.cos, self.sin)
+        n_img = x.shape[1]
+        y_emb = self.y_embed(y)
+        c = self.t_embed(timestep_embedding(t)) + y_emb
+        cos, sin = self.cos[-n_img:], self.sin[-n_img:]
+        for i, block in enumerate(self.blocks):
+            if self.context and i == self.context_start:  # the class tokens join the sequence here
+                x = torch.cat([y_emb[:, None] + self.context_pos, x], dim=1)
+                cos, sin = self.cos, self.sin
+            x = block(x, c, cos, sin)
         shift, scale = self.final_ada(c)[:, None].chunk(2, dim=-1)
-        x = self.head(self.final_norm(x) * (1 + scale) + shift)
+        x = self.head(self.final_norm(x[:, -n_img:]) * (1 + scale) + shift)
         return unpatchify(x.float(), self.res, self.patch, self.stride)
 
 
