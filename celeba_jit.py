@@ -232,8 +232,8 @@ def timestep_embedding(t, dim=256, max_period=10000.0):
 class JiT(nn.Module):
     """Its pred, noise_scale and t_eps tell generate() how to read the output (as the official Denoiser)."""
 
-    def __init__(self, res, channels, num_classes, depth, dim, heads, patch, stride, bottleneck, context, pred,
-                 noise_scale, t_eps):
+    def __init__(self, res, channels, num_classes, depth, dim, heads, patch, stride, bottleneck, context,
+                 pred, noise_scale, t_eps):
         super().__init__()
         self.res = res
         self.channels = channels

@@ -128,7 +128,7 @@ def test_presets_match_the_papers_parameter_and_flop_counts():
         assert abs(sum(p.numel() for p in b16.parameters()) / 1e6 - 131) < 0.5  # JiT-B/16: 131M
         with FlopCounterMode(display=False) as flops:
             b16(torch.zeros(1, 3, 256, 256), torch.zeros(1), torch.zeros(1, dtype=torch.long))
-    assert 24.5 < flops.get_total_flops() / 2e9 < 25.5  # JiT-B/16: 25 GFLOPs in the papers' count (multiply-adds)
+    assert 24.5 < flops.get_total_flops() / 2e9 < 25.5  # JiT-B/16: 25 GFLOPs (the papers count multiply-adds)
     assert jit.check_grid(256, 16, 12) ** 2 == 441  # the blog's 21 x 21 overlapping tokens
 
 
