@@ -448,8 +448,7 @@ def main(argv=None):
     args = parse_args(argv)
     common.check_run_flags(args)  # every flag checked before anything is read or written
     common.check_positive(args, "lr", "hidden")
-    if args.cfg is not None and args.cfg < 0:
-        raise common.UserError(f"--cfg must be 0 or more (0 is unconditional), got {args.cfg}")
+    common.check_range(args, "cfg", 0, 100)
     device = common.get_device(args.device)
     precision = common.precision_for(args.precision, device)
     if args.sample:  # no training: the checkpoint's run, dataset and preset, whatever the flags say
@@ -482,10 +481,7 @@ def main(argv=None):
                 **timing_rows(plans, device, precision, True, sampling)}
         return common.benchmark(rows, device)
     if ckpt:  # the runs before the resumed one are done
-        names = names[names.index(ckpt["run"]):]
-        if plans[ckpt["run"]]["epochs"] < ckpt["epoch"]:
-            raise common.UserError(f"{args.resume} has trained {ckpt['epoch']} epochs, more than --epochs "
-                                   f"{plans[ckpt['run']]['epochs']}; pass --epochs {ckpt['epoch']} or more")
+        names = names[names.index(ckpt["run"]):]  # a run past --epochs is refused by its Run
     sampled = [r for r in names if RUNS[r]["loss"] == "flow" and not RUNS[r]["ablation"]]
     if args.save_samples and not sampled:
         raise common.UserError(f"--save-samples needs an fm or cfg model, but this run trains only "
