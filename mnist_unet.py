@@ -481,7 +481,10 @@ def main(argv=None):
                 **timing_rows(plans, device, precision, True, sampling)}
         return common.benchmark(rows, device)
     if ckpt:  # the runs before the resumed one are done
-        names = names[names.index(ckpt["run"]):]  # a run past --epochs is refused by its Run
+        names = names[names.index(ckpt["run"]):]
+        if plans[ckpt["run"]]["epochs"] < ckpt["epoch"]:
+            raise common.UserError(f"{args.resume} has trained {ckpt['epoch']} epochs, more than --epochs "
+                                   f"{plans[ckpt['run']]['epochs']}; pass --epochs {ckpt['epoch']} or more")
     sampled = [r for r in names if RUNS[r]["loss"] == "flow" and not RUNS[r]["ablation"]]
     if args.save_samples and not sampled:
         raise common.UserError(f"--save-samples needs an fm or cfg model, but this run trains only "
