@@ -47,9 +47,10 @@ FLIPPED = ("celeba", "folder", "cifar10")  # as the official training; a mirrore
 NATIVE_RES = {"mnist": 28, "fashion": 28, "cifar10": 32}  # the datasets of one size; others default to 256
 CFG = 3.0  # our default w; the official JiT-B/16 command samples with w = 2.9 in the same interval
 CFG_INTERVAL = (0.1, 1.0)  # the official JiT-B/16 command's
-# --quick, the CPU recipe: the mnist preset, a short warm-up, an EMA of about the last 1/22 of the steps
+# --quick, the CPU recipe: the mnist preset, a short warm-up, an EMA of about the last 1/22 of the steps,
+# and 10 Heun steps (19 network calls instead of 99; the steps-and-solver curve is in docs/celeba_jit.md)
 QUICK = dict(model="mnist", epochs=8, batch_size=64, warmup_epochs=0.5, ema_warmup=22, cfg=3.5,
-             cfg_interval=[0.2, 0.9], compile=True)
+             cfg_interval=[0.2, 0.9], compile=True, steps=10)
 # --resume must continue the same run: all but --epochs (and sampling, output and device flags) must agree
 TRAINING_KEYS = ("dataset", "model", "res", "patch", "stride", "pred", "noise_scale", "t_eps", "batch_size",
                  "lr", "warmup_epochs", "grad_clip", "ema", "ema_warmup", "label_dropout", "t_mu", "t_sigma",
@@ -528,7 +529,8 @@ def parse_args(argv=None):
     add("--data-dir", default="data", help="the image folder (celeba/folder) or the torchvision root")
     common.add_run_flags(p, SCRIPT, num_samples=1000)
     add("--quick", action="store_true", help="the CPU recipe: --model mnist --epochs 8 --batch-size 64 "
-        "--warmup-epochs 0.5 --ema-warmup 22 --cfg 3.5 --cfg-interval 0.2 0.9 --compile; flags given win")
+        "--warmup-epochs 0.5 --ema-warmup 22 --cfg 3.5 --cfg-interval 0.2 0.9 --compile --steps 10; "
+        "flags given win")
     add("--res", type=int, help="training resolution (default: 256; mnist and fashion 28, cifar10 32)")
     add("--model", choices=list(PRESETS), default="blog", help=f"architecture preset; {presets}")
     add("--patch", type=int, help="patch size p (default: the preset's)")

@@ -753,7 +753,8 @@ def test_default_t_mu_follows_the_resolution(flags, mu):
 
 # ---------------------------------------------------------------------------------------- --quick, notes
 QUICK_ARGV = ["--model", "mnist", "--epochs", "8", "--batch-size", "64", "--warmup-epochs", "0.5",
-              "--ema-warmup", "22", "--cfg", "3.5", "--cfg-interval", "0.2", "0.9", "--compile"]
+              "--ema-warmup", "22", "--cfg", "3.5", "--cfg-interval", "0.2", "0.9", "--compile",
+              "--steps", "10"]
 
 
 def test_quick_is_the_cpu_recipe_and_an_explicit_flag_wins(capsys, monkeypatch):
