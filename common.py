@@ -838,7 +838,7 @@ class Run:
         check_fresh_run(self.path, args.resume, args.overwrite, script)
         check_outputs(args.out, [f"{name}.pt", "metrics.jsonl", ".lock", *outputs])
         prepare_out(args.out)  # on every rank: a bad --out stops each of them, none waits for the others
-        self.fresh = self.ckpt is None and metrics is None  # metrics.jsonl starts anew once the lock is held
+        self.fresh = self.ckpt is None  # metrics.jsonl starts anew once load() holds the lock
         self.metrics = metrics or Metrics(os.path.join(args.out, "metrics.jsonl"), fresh=False)
         self.epoch = 0  # epochs done
         self.step = 0

@@ -489,7 +489,7 @@ def main(argv=None):
     if args.save_samples and not sampled:
         raise common.UserError(f"--save-samples needs an fm or cfg model, but this run trains only "
                                f"{', '.join(names)}; pass --part fm, cfg or all, or --sample CKPT")
-    # one metrics.jsonl for the job; a fresh job empties it below, once it holds the --out lock
+    # one metrics.jsonl for the job: the first run's load() empties it for a fresh job, once it holds the lock
     metrics = common.Metrics(os.path.join(args.out, "metrics.jsonl"), fresh=False)
     runs = {}
     for name in names:
@@ -501,8 +501,6 @@ def main(argv=None):
         runs[name] = common.Run(SCRIPT, argparse.Namespace(**run_args), TRAINING_KEYS, name=name, label=name,
                                 outputs=outputs, log_every=LOG_EVERY, metrics=metrics)
     data = runs[names[0]].load(lambda: load_data(args.dataset, args.data_dir, args.quick, device))
-    if not args.resume and os.path.exists(metrics.path):
-        os.remove(metrics.path)
     n_train = len(data[0])
     biggest = max(plans[name]["batch_size"] for name in names)
     if biggest > n_train:
