@@ -146,16 +146,6 @@ class SelfAttention(nn.Module):
         return x + self.out(h).transpose(1, 2).reshape(B, C, H, W)
 
 
-class Level(nn.Module):
-    """One resolution of the U-Net: ResBlocks (each with attention at 8x8), then a down- or upsampler."""
-
-    def __init__(self, res, attn, resample):
-        super().__init__()
-        self.res = nn.ModuleList(res)
-        self.attn = nn.ModuleList(attn)
-        self.resample = resample
-
-
 class UNet(nn.Module):
     """UNet2DModel(sample_size=32, layers_per_block=2, block_out_channels=channels,
     down=(Down, Down, AttnDown, Down), up=(Up, AttnUp, Up, Up), num_class_embeds=11), written out; in and out
@@ -170,10 +160,10 @@ class UNet(nn.Module):
         skips, c_prev, last = [c0], c0, len(channels) - 1
         self.encoder = nn.ModuleList()
         for i, c in enumerate(channels):  # 32x32 -> 16 -> 8 (attention) -> 4
-            res = [ResBlock(c_prev if j == 0 else c, c, emb_dim) for j in range(2)]
-            attn = [SelfAttention(c) for _ in range(2)] if i == 2 else []
+            res = nn.ModuleList(ResBlock(c_prev if j == 0 else c, c, emb_dim) for j in range(2))
+            attn = nn.ModuleList([SelfAttention(c) for _ in range(2)] if i == 2 else [])
             down = nn.Conv2d(c, c, 3, stride=2, padding=1) if i < last else None
-            self.encoder.append(Level(res, attn, down))
+            self.encoder.append(nn.ModuleDict(dict(res=res, attn=attn, resample=down)))
             skips += [c] * (3 if i < last else 2)  # one skip per ResBlock, one after the downsampler
             c_prev = c
         self.mid_res1 = ResBlock(c_prev, c_prev, emb_dim)
@@ -181,13 +171,13 @@ class UNet(nn.Module):
         self.mid_res2 = ResBlock(c_prev, c_prev, emb_dim)
         self.decoder = nn.ModuleList()
         for i, c in enumerate(reversed(channels)):  # 4x4 -> 8 (attention) -> 16 -> 32; a skip per ResBlock
-            res = []
+            res = nn.ModuleList()
             for _ in range(3):
                 res.append(ResBlock(c_prev + skips.pop(), c, emb_dim))
                 c_prev = c
-            attn = [SelfAttention(c) for _ in range(3)] if i == 1 else []
+            attn = nn.ModuleList([SelfAttention(c) for _ in range(3)] if i == 1 else [])
             up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
-            self.decoder.append(Level(res, attn, up if i < last else None))
+            self.decoder.append(nn.ModuleDict(dict(res=res, attn=attn, resample=up if i < last else None)))
         self.out_norm = nn.GroupNorm(32, c0)
         self.conv_out = nn.Conv2d(c0, image_channels, 3, padding=1)
 
@@ -276,7 +266,7 @@ def train(args, device, precision, sampling):
             run.plot_loss(os.path.join(args.out, "loss.png"), f"{TITLES[args.dataset]}: loss per step")
             write_figures(sampler, args, args.dataset, shape, sampling)
     if args.save_samples:
-        write_samples(sampler, args, shape, args.dataset, sampling)
+        write_samples(sampler, args, args.dataset, shape, sampling)
     return net
 
 
@@ -285,20 +275,17 @@ def write_figures(model, args, dataset, shape, sampling):
     """classes.png: one row per class of --classes (10 samples each); guidance.png: the same noise at w = 0,
     1, 2, 4, 8; sampling.gif: x_t along the ODE for the class grid, from the noise to the samples."""
     classes = torch.tensor(args.classes or range(NULL))
-    out = args.out
     seed = args.seed
     names = [common.CLASS_NAMES[dataset][c] for c in classes]
-    steps = sampling["steps"]
-    what = f"{TITLES[dataset]}, {steps} {sampling['solver']} steps"
+    what = f"{TITLES[dataset]}, {sampling['steps']} {sampling['solver']} steps"
     noise = torch.randn(10 * len(classes), shape[0], RES, RES, generator=torch.Generator().manual_seed(seed))
     frames = [noise]
     grid = generate(model, noise, classes.repeat_interleave(10), **sampling, on_step=frames.append)
-    common.save_grid(crop(grid, shape), os.path.join(out, "classes.png"), nrow=10, scale=2, row_labels=names,
-                     title=f"{what}, w={sampling['cfg']:g}")
+    common.save_grid(crop(grid, shape), os.path.join(args.out, "classes.png"), nrow=10, scale=2,
+                     row_labels=names, title=f"{what}, w={sampling['cfg']:g}")
     keep = frames[::max(1, len(frames) // 24)][:-1] + frames[-1:]  # at most ~25 frames, always the last
-    frames = [crop(f.cpu(), shape).clamp(-1, 1) for f in keep]
-    title = f"{what}, w={sampling['cfg']:g}: x_t from t=0 to 1"
-    common.save_gif(frames, os.path.join(out, "sampling.gif"), nrow=10, title=title)
+    common.save_gif([crop(f.cpu(), shape).clamp(-1, 1) for f in keep], os.path.join(args.out, "sampling.gif"),
+                    nrow=10, title=f"{what}, w={sampling['cfg']:g}: x_t from t=0 to 1")
     per_w, k = 2, len(GUIDANCE_SWEEP)  # rows: classes; columns: per_w samples at each w, same noise at each w
     noise = torch.randn(len(classes), 1, per_w, shape[0], RES, RES,
                         generator=torch.Generator().manual_seed(seed + 1))
@@ -306,18 +293,17 @@ def write_figures(model, args, dataset, shape, sampling):
     w = torch.tensor(GUIDANCE_SWEEP, dtype=torch.float32).repeat_interleave(per_w).repeat(len(classes))
     sweep = generate(model, noise, classes.repeat_interleave(k * per_w), **dict(sampling, cfg=w))
     cols = [f"w={g}" if j == 0 else "" for g in GUIDANCE_SWEEP for j in range(per_w)]
-    common.save_grid(crop(sweep, shape), os.path.join(out, "guidance.png"), nrow=k * per_w, scale=2,
+    common.save_grid(crop(sweep, shape), os.path.join(args.out, "guidance.png"), nrow=k * per_w, scale=2,
                      row_labels=names, col_labels=cols, title=f"{what}: the same noise at each guidance w")
 
 
-def write_samples(model, args, shape, dataset, sampling):
+def write_samples(model, args, dataset, shape, sampling):
     """--save-samples: --num-samples samples, --classes in turn."""
     classes = args.classes or list(range(NULL))
     labels = [classes[j % len(classes)] for j in range(args.num_samples)]
     make = lambda noise, y: crop(generate(model, noise, y, **sampling), shape)  # at the data's own size
-    noise_shape = (shape[0], RES, RES)
-    common.save_samples(args.save_samples, make, args.num_samples, args.batch_size, noise_shape, labels,
-                        args.seed, f"--dataset {dataset} --data-dir {args.data_dir}")
+    common.save_samples(args.save_samples, make, args.num_samples, args.batch_size, (shape[0], RES, RES),
+                        labels, args.seed, f"--dataset {dataset} --data-dir {args.data_dir}")
 
 
 # -------------------------------------------------------------------------------------------- data
@@ -352,11 +338,10 @@ def sample(args, device, sampling):
     model, config = load_model(args.sample, device, ema=not args.raw_weights)
     common.prepare_out(args.out)
     sampler = torch.compile(model) if args.compile else model
-    shape = config["image_shape"]
     if args.save_samples:
-        write_samples(sampler, args, shape, config["dataset"], sampling)
+        write_samples(sampler, args, config["dataset"], config["image_shape"], sampling)
     if common.rank_and_world()[0] == 0:
-        write_figures(sampler, args, config["dataset"], shape, sampling)
+        write_figures(sampler, args, config["dataset"], config["image_shape"], sampling)
     return model
 
 
@@ -366,15 +351,14 @@ def benchmark(args, device):
     x = torch.randn(args.batch_size, 3, RES, RES, device=device)
     y = torch.randint(0, NULL, (args.batch_size,), device=device)
     rows = {}
-    for compiled in [False, True] if args.compile else [False]:
+    for name in ["eager", "compiled"] if args.compile else ["eager"]:
         net = UNet(args.channels).to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=args.lr, fused=device.type == "cuda")
-        scaler = common.grad_scaler(device, precision)
-        fast = torch.compile(net) if compiled else net
-        step = functools.partial(train_step, fast, opt, scaler, x, y, args.label_dropout, args.grad_clip,
-                                 precision)
+        fast = torch.compile(net) if name == "compiled" else net
+        step = functools.partial(train_step, fast, opt, common.grad_scaler(device, precision), x, y,
+                                 args.label_dropout, args.grad_clip, precision)
         sample = functools.partial(generate, fast, x, y, args.cfg, args.steps, args.solver, precision)
-        rows["compiled" if compiled else "eager"] = (step, sample, args.batch_size)
+        rows[name] = (step, sample, args.batch_size)
     print(f"UNet {args.channels}, {precision}, batch {args.batch_size}; sampling: {args.steps} {args.solver} "
           f"steps with CFG")
     return common.benchmark(rows, device)
@@ -398,8 +382,7 @@ def parse_args(argv=None):
     add("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     add("--label-dropout", type=float, default=0.1, help="probability of dropping a label to null")
     add("--ema-decay", type=float, default=0.9995, help="EMA decay per step")
-    add("--no-flip", action="store_true", help="no random horizontal flips of CIFAR-10 (others are never "
-        "flipped)")
+    add("--no-flip", action="store_true", help="no random horizontal flips (only CIFAR-10 is flipped)")
     add("--channels", type=int, nargs=4, default=list(WRITEUP_CHANNELS), metavar="C",
         help="U-Net width at the four resolutions, multiples of 32 (GroupNorm has 32 groups)")
     add("--solver", choices=["euler", "heun"], default="euler", help="ODE solver for sampling")
@@ -407,11 +390,9 @@ def parse_args(argv=None):
     add("--cfg", type=float, default=2.0, help="guidance scale w (0: unconditional, 1: conditional)")
     add("--classes", type=int, nargs="+", metavar="K", help="classes (0-9) to sample; all ten when not given")
     add("--raw-weights", action="store_true", help="sample with the raw weights, not the EMA")
-    args = p.parse_args(argv)
-    if args.quick:
+    if p.parse_args(argv).quick:
         p.set_defaults(**QUICK)
-        args = p.parse_args(argv)
-    return args
+    return p.parse_args(argv)
 
 
 def validate(args):
@@ -423,8 +404,7 @@ def validate(args):
     if args.warmup < 0 or not 0 <= args.label_dropout < 1 or not 0 <= args.ema_decay < 1:
         raise common.UserError("--warmup must be >= 0, --label-dropout and --ema-decay in [0, 1)")
     if any(c % 32 for c in args.channels) or not 0 < min(args.channels) <= max(args.channels) <= 4096:
-        raise common.UserError(f"--channels must be multiples of 32 (GroupNorm uses 32 groups) from 32 to "
-                               f"4096, got {args.channels}")
+        raise common.UserError(f"--channels must be multiples of 32 from 32 to 4096, got {args.channels}")
     if args.classes and not all(0 <= c < NULL for c in args.classes):
         raise common.UserError(f"--classes takes indices 0 to 9, got {args.classes}")
     return args

@@ -21,7 +21,7 @@ import importlib.util
 import math
 import os
 import time
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -159,30 +159,28 @@ def randn(like, gen):
     return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
 
 
-def iterative_denoise(estimate, x_t, i_start, ts, abar, gen, threshold=False, inpaint=None):
+def iterative_denoise(estimate, x_t, i_start, ts, abar, gen, threshold=False, x_orig=None, m=None):
     """From x_t at ts[i_start] to ts[-1] = 0, one ddpm_step per pair (t, t'); estimate(x_t, t) -> (eps, v).
-    inpaint = (x_orig, m): after each step RePaint keeps x_t' = m x_t' + (1 - m) add_noise(x_orig, t'), so
-    only m = 1 is regenerated. Returns the final image and every intermediate x_t."""
+    Inpainting with a mask m: after each step RePaint keeps x_t' = m x_t' + (1 - m) add_noise(x_orig, t'),
+    so only m = 1 is regenerated. Returns the final image and every intermediate x_t."""
     xs = [x_t]
-    for i in range(i_start, len(ts) - 1):
-        t, t_prev = ts[i], ts[i + 1]
+    for t, t_prev in zip(ts[i_start:-1], ts[i_start + 1:]):
         eps, v = estimate(x_t, t)
         x_t = ddpm_step(x_t, eps, v, abar[t], abar[t_prev], randn(x_t, gen), threshold)
-        if inpaint is not None:
-            x_orig, m = inpaint
+        if m is not None:
             x_t = m * x_t + (1 - m) * add_noise(x_orig, abar[t_prev], randn(x_t, gen))
         xs.append(x_t)
-    if inpaint is not None:  # t' = 0 is the clean end: paste the original pixels themselves
-        x_orig, m = inpaint
+    if m is not None:  # t' = 0 is the clean end: paste the original pixels themselves
         x_t = m * x_t + (1 - m) * x_orig
     return x_t, xs
 
 
-def sdedit(estimate, x_orig, t_start, ts, abar, gen, threshold=False):
-    """SDEdit: noise the image to t_start with the forward process, then denoise it."""
+def sdedit(estimate, x_orig, t_start, ts, abar, gen, threshold=False, m=None):
+    """SDEdit: noise the image to t_start with the forward process, then denoise it (with a mask m, only
+    m = 1 is regenerated: inpainting). Returns what iterative_denoise does."""
     i = start_index(ts, t_start)
     x_t = add_noise(x_orig, abar[ts[i]], randn(x_orig, gen))
-    return iterative_denoise(estimate, x_t, i, ts, abar, gen, threshold)[0]
+    return iterative_denoise(estimate, x_t, i, ts, abar, gen, threshold, x_orig, m)
 
 
 # ---------------------------------------------------------------------------------------- denoisers
@@ -226,60 +224,33 @@ class DeepFloydDenoiser:
                 raise UserError(f"the embedding of {p!r} has shape {tuple(getattr(e, 'shape', ()))}, not "
                                 f"(1, 77, {dim}); delete it from the --embeds file so it is encoded again")
         self.unet = unet
-        self.device = device
         self.dtype = dtype
         self.embeds = {p: e.to(device, dtype) for p, e in embeds.items()}
 
     @torch.no_grad()
     def __call__(self, x_t, t, prompts):
         emb = torch.cat([self.embeds[p] for p in prompts])
-        t = torch.full((len(x_t),), t, device=self.device)
         out = self.unet(x_t.to(self.dtype), t, encoder_hidden_states=emb, return_dict=False)[0].float()
         return out[:, :3], out[:, 3:]
 
 
 # -------------------------------------------------------------------------------------------- tasks
-@dataclass
-class Context:
-    """What every task needs: the denoiser, the schedule, the images to edit (the first is the single-image
-    tasks'), the inpainting mask (1 = regenerate) and the settings."""
-    model: object
-    abar: torch.Tensor
-    ts: list
-    images: torch.Tensor
-    image_names: list
-    mask: torch.Tensor
-    prompt: str
-    edit_prompt: str
-    anagram: list
-    hybrid: list
-    cfg: float
-    samples: int
-    threshold: bool
-    seed: int
-    out: str
-    backend: str
-    progress: common.Progress
-    steps_done: int = 0
+class Context(SimpleNamespace):
+    """What every task needs, as keyword fields: the denoiser `model`, the schedule `abar` and `ts`, the
+    `images` to edit and their `image_names` (the first, `image`, is the single-image tasks'), the inpainting
+    `mask` (1 = regenerate), the `backend`'s name and the settings, named as their flags."""
 
-    @property
-    def image(self):
-        return self.images[:1]
+    def __init__(self, **fields):
+        super().__init__(**fields)
+        self.image = self.images[:1]
 
     def gen(self):
         # each task restarts the noise from --seed, so a figure does not depend on the tasks run before it
         return torch.Generator(self.images.device).manual_seed(self.seed)
 
-    def denoise(self, x_t, t, prompts):
-        # every task calls the denoiser through here, so that the progress line counts the calls
-        out = self.model(x_t, t, prompts)
-        self.steps_done += 1
-        self.progress.update(self.steps_done, len(x_t))
-        return out
-
     def estimate(self, prompt, w):
         """The noise estimate (x_t, t) -> (eps, v) of one prompt with guidance w."""
-        return lambda x_t, t: guided_eps(self.denoise, x_t, t, [prompt] * len(x_t), w)
+        return lambda x_t, t: guided_eps(self.model, x_t, t, [prompt] * len(x_t), w)
 
     def sample(self, estimate, n):
         """n images from pure noise at t = 990."""
@@ -287,10 +258,20 @@ class Context:
         x_t = torch.randn(n, 3, SIZE, SIZE, generator=g, device=self.images.device)
         return iterative_denoise(estimate, x_t, 0, self.ts, self.abar, g, self.threshold)[0]
 
+    def noisy_image(self, ts):
+        """The first image at each t of ts, with the same noise in every task that shows it."""
+        x = self.image.expand(len(ts), -1, -1, -1)
+        return add_noise(x, self.abar[ts].view(-1, 1, 1, 1), randn(x, self.gen()))
+
+    def one_step(self, x_t, ts):
+        """x0 from a single noise estimate (w = 1) at each image's own t (1.3)."""
+        estimate = self.estimate(self.prompt, 1.0)
+        return torch.cat([x0_from_eps(x[None], estimate(x[None], t)[0], self.abar[t])
+                          for x, t in zip(x_t, ts)])
+
     def save(self, name, images, nrow, title, **labels):
-        path = os.path.join(self.out, f"{name}.png")
-        common.save_grid(images.float(), path, nrow, scale=2, title=f"{title}  [{self.backend} backend]",
-                         **labels)
+        common.save_grid(images.float(), os.path.join(self.out, f"{name}.png"), nrow, scale=2,
+                         title=f"{title}  [{self.backend} backend]", **labels)
 
 
 def quoted(prompt):
@@ -301,56 +282,40 @@ def t_labels(ts):
     return [f"t={t}" for t in ts]
 
 
-def noisy_image(c, ts):
-    """The first image at each t of ts, with the same noise in every task that shows it."""
-    x = c.image.expand(len(ts), -1, -1, -1)
-    return add_noise(x, c.abar[ts].view(-1, 1, 1, 1), randn(x, c.gen()))
-
-
-def one_step(c, x_t, ts):
-    """x0 from a single noise estimate (w = 1) at each image's own t (1.3)."""
-    estimate = c.estimate(c.prompt, 1.0)
-    return torch.cat([x0_from_eps(x[None], estimate(x[None], t)[0], c.abar[t]) for x, t in zip(x_t, ts)])
-
-
 def task_forward(c):
-    c.save("forward", torch.cat([c.image, noisy_image(c, FORWARD_TS)]), 4,
+    c.save("forward", torch.cat([c.image, c.noisy_image(FORWARD_TS)]), 4,
            "forward process: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps",
            col_labels=["original"] + t_labels(FORWARD_TS))
 
 
 def task_blur(c):
-    noisy = noisy_image(c, FORWARD_TS)
+    noisy = c.noisy_image(FORWARD_TS)
     c.save("blur", torch.cat([noisy, gaussian_blur(noisy, 5, 2.0)]), 3,
            "classical denoising: Gaussian blur (kernel 5, sigma 2) of x_t",
            row_labels=["x_t", "blurred"], col_labels=t_labels(FORWARD_TS))
 
 
 def task_onestep(c):
-    noisy = noisy_image(c, ONESTEP_TS)
-    panels = torch.cat([c.image, noisy, c.image, one_step(c, noisy, ONESTEP_TS)])
+    noisy = c.noisy_image(ONESTEP_TS)
+    panels = torch.cat([c.image, noisy, c.image, c.one_step(noisy, ONESTEP_TS)])
     c.save("onestep", panels, 1 + len(ONESTEP_TS),
            f"one-step denoising: x0 from one eps estimate, prompt {quoted(c.prompt)}, w=1",
            row_labels=["x_t", "1-step x0"], col_labels=["original"] + t_labels(ONESTEP_TS))
 
 
-def iterative_panels(c):
-    """iterative.png's panels in denoising order: x_t every 5th step from t = 690, the clean result, then
-    one-step denoising and a blur of the same start, and the original."""
-    i = start_index(c.ts, ITERATIVE_T)
-    g = c.gen()
-    x_t = add_noise(c.image, c.abar[c.ts[i]], randn(c.image, g))
-    clean, xs = iterative_denoise(c.estimate(c.prompt, 1.0), x_t, i, c.ts, c.abar, g, c.threshold)
-    shown = range(0, len(xs) - 1, 5)
-    panels = [xs[k] for k in shown] + [clean, one_step(c, x_t, [c.ts[i]]), gaussian_blur(x_t, 5, 2.0)]
-    labels = t_labels([c.ts[i + k] for k in shown]) + ["iterative", "1-step", "blur", "original"]
-    return panels + [c.image], labels
-
-
 def task_iterative(c):
-    panels, labels = iterative_panels(c)
+    """The panels in denoising order: x_t every 5th step from t = 690, the clean result, then one-step
+    denoising and a blur of the same start, and the original. Returns them and their labels."""
+    i = start_index(c.ts, ITERATIVE_T)
+    clean, xs = sdedit(c.estimate(c.prompt, 1.0), c.image, ITERATIVE_T, c.ts, c.abar, c.gen(), c.threshold)
+    x_t = xs[0]
+    shown = range(0, len(xs) - 1, 5)
+    panels = [xs[k] for k in shown] + [clean, c.one_step(x_t, [c.ts[i]]), gaussian_blur(x_t, 5, 2.0)]
+    panels.append(c.image)
+    labels = t_labels([c.ts[i + k] for k in shown]) + ["iterative", "1-step", "blur", "original"]
     c.save("iterative", torch.cat(panels), len(panels),
            f"iterative denoising, every 5th step shown, prompt {quoted(c.prompt)}, w=1", col_labels=labels)
+    return panels, labels
 
 
 def task_sample(c):
@@ -358,13 +323,9 @@ def task_sample(c):
     c.save("sample", images, c.samples, f"sampling from pure noise at t=990, prompt {quoted(c.prompt)}, w=1")
 
 
-def cfg_scales(cfg):
-    return sorted({1.0, 7.0, cfg})
-
-
 def task_cfg(c):
     prompt = c.prompt or c.edit_prompt  # '' leaves nothing to guide towards
-    ws = cfg_scales(c.cfg)
+    ws = sorted({1.0, 7.0, c.cfg})
     rows = [c.sample(c.estimate(prompt, w), c.samples) for w in ws]
     c.save("cfg", torch.cat(rows), c.samples,
            f"classifier-free guidance: prompt {quoted(prompt)} against the empty prompt ''",
@@ -374,27 +335,17 @@ def task_cfg(c):
 def sdedit_figure(c, name, what, prompt):
     estimate = c.estimate(prompt, c.cfg)
     g = c.gen()
-    cols = [sdedit(estimate, c.images, t, c.ts, c.abar, g, c.threshold) for t in SDEDIT_TS] + [c.images]
+    cols = [sdedit(estimate, c.images, t, c.ts, c.abar, g, c.threshold)[0] for t in SDEDIT_TS] + [c.images]
     c.save(name, torch.stack(cols, 1).flatten(0, 1), len(cols),
            f"{what}: noised to t, then denoised with prompt {quoted(prompt)}, w={c.cfg:g}",
            row_labels=c.image_names,
            col_labels=t_labels([c.ts[start_index(c.ts, t)] for t in SDEDIT_TS]) + ["original"])
 
 
-def task_sdedit(c):
-    sdedit_figure(c, "sdedit", "SDEdit", c.prompt)
-
-
-def task_img2img(c):
-    sdedit_figure(c, "img2img", "text-conditional image-to-image", c.edit_prompt)
-
-
 def task_inpaint(c):
-    g = c.gen()
     m = c.mask[None]
-    x_t = add_noise(c.image, c.abar[c.ts[0]], randn(c.image, g))  # from t = 990 as the course does
     estimate = c.estimate(c.prompt, c.cfg)
-    out, _ = iterative_denoise(estimate, x_t, 0, c.ts, c.abar, g, c.threshold, inpaint=(c.image, m))
+    out, _ = sdedit(estimate, c.image, 990, c.ts, c.abar, c.gen(), c.threshold, m)  # as the course does
     panels = [c.image, (m * 2 - 1).expand(-1, 3, -1, -1), c.image * (1 - m), out]
     c.save("inpaint", torch.cat(panels), 4,
            f"inpainting (RePaint) from t=990, prompt {quoted(c.prompt)}, w={c.cfg:g}",
@@ -405,7 +356,7 @@ def task_anagram(c):
     p1, p2 = c.anagram
     rows = []
     for view, (fwd, _) in VIEWS.items():
-        x = c.sample(lambda x_t, t: anagram_eps(c.denoise, x_t, t, p1, p2, view, c.cfg), 1)
+        x = c.sample(lambda x_t, t: anagram_eps(c.model, x_t, t, p1, p2, view, c.cfg), 1)
         rows += [x, fwd(x)]
     c.save("anagram", torch.cat(rows), 2,
            f"visual anagrams, w={c.cfg:g}: {quoted(p1)} upright, {quoted(p2)} viewed",
@@ -414,7 +365,7 @@ def task_anagram(c):
 
 def task_hybrid(c):
     far, near = c.hybrid
-    x = c.sample(lambda x_t, t: hybrid_eps(c.denoise, x_t, t, far, near, c.cfg), 2)
+    x = c.sample(lambda x_t, t: hybrid_eps(c.model, x_t, t, far, near, c.cfg), 2)
     low = gaussian_blur(x)
     c.save("hybrid", torch.stack([x, low, x - low], 1).flatten(0, 1), 3,
            f"hybrid images, w={c.cfg:g}: {quoted(far)} from afar, {quoted(near)} up close",
@@ -422,18 +373,11 @@ def task_hybrid(c):
 
 
 TASKS = {"forward": task_forward, "blur": task_blur, "onestep": task_onestep, "iterative": task_iterative,
-         "sample": task_sample, "cfg": task_cfg, "sdedit": task_sdedit, "inpaint": task_inpaint,
-         "img2img": task_img2img, "anagram": task_anagram, "hybrid": task_hybrid}
-
-
-def task_steps(name, ts, cfg):
-    """How many times a task calls the denoiser: the unit of the progress line."""
-    n = len(ts) - 1
-    edit = sum(n - start_index(ts, t) for t in SDEDIT_TS)
-    steps = {"forward": 0, "blur": 0, "onestep": len(ONESTEP_TS),
-             "iterative": n - start_index(ts, ITERATIVE_T) + 1, "sample": n, "cfg": n * len(cfg_scales(cfg)),
-             "sdedit": edit, "inpaint": n, "img2img": edit, "anagram": n * len(VIEWS), "hybrid": n}
-    return steps[name]
+         "sample": task_sample, "cfg": task_cfg,
+         "sdedit": lambda c: sdedit_figure(c, "sdedit", "SDEdit", c.prompt),
+         "inpaint": task_inpaint,
+         "img2img": lambda c: sdedit_figure(c, "img2img", "text-conditional image-to-image", c.edit_prompt),
+         "anagram": task_anagram, "hybrid": task_hybrid}
 
 
 # ----------------------------------------------------------------------- images: built-in and files
@@ -528,23 +472,22 @@ def builtin_photos():
 
 
 def open_image(path, what, mode="RGB"):
+    """The image centre-cropped to a square and resized to 64x64, IF's stage-1 input (bicubic like IF's
+    training data; nearest for a mask, mode L), and its size before."""
     if os.path.isdir(path):
         raise UserError(f"{what} {path} is a folder; pass an image file (PNG or JPEG)")
     if not os.path.isfile(path):
         raise UserError(f"{what} {path} does not exist; pass the path of a PNG or JPEG file")
     try:
-        with Image.open(path) as img:
-            return img.convert(mode)
+        with Image.open(path) as file:
+            img = file.convert(mode)
     except Exception as e:  # hostile files raise OSError, ValueError, DecompressionBombError, ...
         raise UserError(f"{what} {path} is not a readable image ({type(e).__name__}); pass a PNG or JPEG")
-
-
-def square64(img, resample=Image.BICUBIC):
-    """Centre-crop to a square and resize to 64x64 (IF's stage-1 input; bicubic like IF's training data)."""
     s = min(img.size)
     left = (img.width - s) // 2
     top = (img.height - s) // 2
-    return img.crop((left, top, left + s, top + s)).resize((SIZE, SIZE), resample)
+    resample = Image.BICUBIC if mode == "RGB" else Image.NEAREST
+    return img.crop((left, top, left + s, top + s)).resize((SIZE, SIZE), resample), img.size
 
 
 def load_image_set(folder):
@@ -558,7 +501,7 @@ def load_image_set(folder):
         sub = os.path.join(folder, name)
         files = sorted(f for f in os.listdir(sub) if not f.startswith(".")) if os.path.isdir(sub) else []
         for f in files:
-            images.append(to_tensor(square64(open_image(os.path.join(sub, f), "image in --images"))))
+            images.append(to_tensor(open_image(os.path.join(sub, f), "image in --images")[0]))
             names.append(name)
     if not images:
         raise UserError(f"--images {folder} holds no images; put them in one subfolder per prompt, e.g. "
@@ -569,19 +512,19 @@ def load_image_set(folder):
 def load_inputs(image_paths, mask_path):
     """The images to edit (N, 3, 64, 64) with their names, and the inpainting mask (1, 64, 64), 1 = new."""
     if image_paths:
-        pils = [open_image(path, "--image") for path in image_paths]
-        images = [to_tensor(square64(im)) for im in pils]
+        opened = [open_image(path, "--image") for path in image_paths]
+        images = [to_tensor(img) for img, _ in opened]
         names = [os.path.basename(p)[:18] for p in image_paths]
-        size = pils[0].size
+        size = opened[0][1]
     else:
         images, names = builtin_photos()
         size = (SIZE, SIZE)
     if mask_path:
-        mask = open_image(mask_path, "--mask", "L")
-        if mask.size != size:
-            raise UserError(f"--mask is {mask.size[0]}x{mask.size[1]} but the image is {size[0]}x{size[1]}; "
+        mask, mask_size = open_image(mask_path, "--mask", "L")
+        if mask_size != size:
+            raise UserError(f"--mask is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}; "
                             f"resize the mask to the image's size")
-        mask = (torch.from_numpy(np.array(square64(mask, Image.NEAREST))) > 127).float()[None]
+        mask = (torch.from_numpy(np.array(mask)) > 127).float()[None]
     else:
         mask = torch.zeros(1, SIZE, SIZE)
         mask[:, 2:24, 22:42] = 1  # a box at the top centre: the tower's top, like the course's campanile mask
@@ -701,8 +644,7 @@ def parse_args(argv=None):
         "prompt (default: a built-in set of 15 drawings, 3 for each of 5 prompts)")
     add("--image", nargs="+", help="image(s) to edit; the first is used by forward, blur, onestep, iterative "
         "and inpaint (default: a built-in tower and a sketch)")
-    add("--mask", help="inpainting mask, the size of the first --image, white = regenerate "
-        "(default: a box at the top centre)")
+    add("--mask", help="inpainting mask as big as the first --image, white = new (default: a top-centre box)")
     add("--prompt", help="prompt of denoising, sampling, CFG, SDEdit and inpainting; '' is unconditional, "
         f"for which cfg uses --edit-prompt (default: {d['prompt']!r} on deepfloyd, '' on exact)")
     add("--edit-prompt", help="image-to-image prompt "
@@ -710,12 +652,10 @@ def parse_args(argv=None):
     add("--anagram", nargs=2, metavar=("UPRIGHT", "VIEWED"), help="visual anagram prompts (default: "
         f"{d['anagram'][0]!r} {d['anagram'][1]!r} on deepfloyd, the set's 2nd and 3rd prompts on exact)")
     add("--hybrid", nargs=2, metavar=("FAR", "NEAR"), help="hybrid image prompts, low and high frequencies "
-        f"(default: {d['hybrid'][0]!r} {d['hybrid'][1]!r} on deepfloyd, the set's 2nd and 3rd prompts on "
-        "exact)")
+        f"(default: {d['hybrid'][0]!r} {d['hybrid'][1]!r} on deepfloyd, the set's 2nd and 3rd on exact)")
     add("--cfg", type=float, help="guidance scale w of the editing tasks, 0 to 100 "
         f"(default: {d['cfg']:g} on deepfloyd, 1 on exact)")
-    add("--steps-stride", type=int, default=30, help="stride of the timesteps 990, 990-stride, ..., 0; "
-        "1 to 990")
+    add("--steps-stride", type=int, default=30, help="timestep stride: 990, 990-stride, ..., 0; 1 to 990")
     add("--samples", type=int, default=5, help="images per sampling figure, 1 to 64")
     add("--threshold", action="store_true", help="the IF pipeline's dynamic thresholding of x0")
     add("--seed", type=int, default=189, help="random seed")
@@ -727,9 +667,8 @@ def main(argv=None):
     args = parse_args(argv)
     common.check_finite(args)
     common.check_seed(args)
-    common.check_range(args, "steps_stride", 1, 990)
-    common.check_range(args, "samples", 1, 64)
-    common.check_range(args, "cfg", 0, 100)
+    for name, lo, hi in [("steps_stride", 1, 990), ("samples", 1, 64), ("cfg", 0, 100)]:
+        common.check_range(args, name, lo, hi)
     device = common.get_device(args.device)
     backend = args.backend or ("deepfloyd" if device.type == "cuda" else "exact")
     if backend == "deepfloyd" and args.images:
@@ -741,14 +680,13 @@ def main(argv=None):
     if args.cpu_offload and not offload_ok:
         raise UserError("--cpu-offload needs --backend deepfloyd, a CUDA GPU and accelerate "
                         "(pip install accelerate); drop it otherwise")
-    precision = "fp32"
-    if backend == "deepfloyd":
-        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-        # auto is fp16 on CUDA as IF's published weights are; common refuses what the device cannot run
-        flag = "fp16" if args.precision == "auto" and device.type == "cuda" else args.precision
-        precision = common.choose_precision(flag, device.type, capability)
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    # auto is fp16 on CUDA as IF's published weights are; common refuses what the device cannot run
+    flag = "fp16" if args.precision == "auto" and device.type == "cuda" else args.precision
+    precision = common.choose_precision(flag, device.type, capability) if backend == "deepfloyd" else "fp32"
     images, image_names, mask = load_inputs(args.image, args.mask)
     abar = alphas_cumprod()
+    defaults = DEEPFLOYD_DEFAULTS
     if backend == "exact":
         set_images, set_names = load_image_set(args.images) if args.images else draw_builtin()
         model = ExactDenoiser(set_images.to(device), set_names, abar.to(device))
@@ -756,8 +694,6 @@ def main(argv=None):
         pair = [names[1 % len(names)], names[2 % len(names)]]
         # w = 1: the exact denoiser is already exactly conditional; w > 1 extrapolates past its images
         defaults = dict(prompt="", cfg=1.0, edit_prompt=names[0], anagram=pair, hybrid=pair)
-    else:
-        defaults = DEEPFLOYD_DEFAULTS
     chosen = {key: getattr(args, key) if getattr(args, key) is not None else value
               for key, value in defaults.items()}
     prompts = ["", chosen["prompt"], chosen["edit_prompt"], *chosen["anagram"], *chosen["hybrid"]]
@@ -773,17 +709,14 @@ def main(argv=None):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         model = load_deepfloyd(args.model_id, embeds, prompts, device, dtype, args.cpu_offload)
     ts = strided_timesteps(args.steps_stride)
-    total = sum(task_steps(name, ts, chosen["cfg"]) for name in tasks)
-    progress = common.Progress(total, prefix="denoising step", enabled=backend == "deepfloyd")
     ctx = Context(model=model, abar=abar.to(device), ts=ts, images=images.to(device), image_names=image_names,
                   mask=mask.to(device), samples=args.samples, threshold=args.threshold, seed=args.seed,
-                  out=args.out, backend=backend, progress=progress, **chosen)
+                  out=args.out, backend=backend, **chosen)
     print(f"backend {backend} on {device} | {len(ts) - 1} steps of stride {args.steps_stride} | "
           f"out {args.out}")
     for name in tasks:
         start = time.time()
-        with torch.no_grad():
-            TASKS[name](ctx)
+        TASKS[name](ctx)
         print(f"{name:9s} {time.time() - start:6.1f} s  -> {os.path.join(args.out, name + '.png')}")
 
 

@@ -150,12 +150,9 @@ def conv_block(c_in, c_out):
     return nn.Sequential(conv(c_in, c_out), conv(c_out, c_out))
 
 
-def down_block(c_in, c_out):
-    return nn.Sequential(conv(c_in, c_out, stride=2), conv_block(c_out, c_out))
-
-
-def up_block(c_in, c_out):
-    return nn.Sequential(conv(c_in, c_out, up=True), conv_block(c_out, c_out))
+def resample_block(c_in, c_out, stride=1, up=False):
+    """DownBlock (stride=2) or UpBlock (up=True): a DownConv or UpConv, then a ConvBlock."""
+    return nn.Sequential(conv(c_in, c_out, stride, up), conv_block(c_out, c_out))
 
 
 def fc_block(f_in, f_out):
@@ -170,13 +167,13 @@ class UNet(nn.Module):
         super().__init__()
         self.cond = cond
         self.e0 = conv_block(1, D)                                          # 28x28
-        self.e1 = down_block(D, D)                                          # 14x14
-        self.e2 = down_block(D, 2 * D)                                      # 7x7
+        self.e1 = resample_block(D, D, stride=2)                            # 14x14
+        self.e2 = resample_block(D, 2 * D, stride=2)                        # 7x7
         self.flatten = nn.Sequential(nn.AvgPool2d(7), nn.GELU())            # 7 -> 1
         self.unflatten = nn.Sequential(nn.ConvTranspose2d(2 * D, 2 * D, 7, 7), nn.BatchNorm2d(2 * D),
                                        nn.GELU())                           # 1 -> 7
-        self.up1 = up_block(4 * D, D)                                       # 14x14
-        self.up2 = up_block(2 * D, D)                                       # 28x28
+        self.up1 = resample_block(4 * D, D, up=True)                        # 14x14
+        self.up2 = resample_block(2 * D, D, up=True)                        # 28x28
         self.head = nn.Sequential(conv_block(2 * D, D), nn.Conv2d(D, 1, 3, 1, 1))
         if cond != "none":
             self.fc1_t = fc_block(1, 2 * D)
@@ -431,8 +428,8 @@ def parse_args(argv=None):
     add("--dataset", choices=["mnist", "fashion"], default="mnist", help="MNIST or Fashion-MNIST")
     add("--data-dir", default="data", help="holds MNIST/raw or FashionMNIST/raw (downloaded if absent)")
     common.add_run_flags(p, SCRIPT, num_samples=100)
-    add("--quick", action="store_true", help=f"CPU preset: D=32, the first {QUICK_IMAGES:,} training images, "
-        "batch 64, epochs 1/1/3/10 and lr 1e-3/1e-3/1e-2/1e-2 (denoise/noise/fm/cfg), w=3, no ablation")
+    add("--quick", action="store_true", help=f"CPU preset: the first {QUICK_IMAGES:,} training images, no "
+        "ablation, and the --quick numbers of the flags below")
     add("--epochs", type=int, help="epochs per run (recipe: denoise/noise 5, fm/cfg 10; --quick 1/1/3/10)")
     add("--batch-size", type=int, help="batch size (recipe: denoise/noise 256, fm/cfg 64; --quick 64)")
     add("--lr", type=float, help="learning rate (recipe: denoise/noise 1e-4, fm/cfg 1e-2; --quick "
@@ -489,8 +486,6 @@ def main(argv=None):
     if args.save_samples and not sampled:
         raise common.UserError(f"--save-samples needs an fm or cfg model, but this run trains only "
                                f"{', '.join(names)}; pass --part fm, cfg or all, or --sample CKPT")
-    # one metrics.jsonl for the job: the first run's load() empties it for a fresh job, once it holds the lock
-    metrics = common.Metrics(os.path.join(args.out, "metrics.jsonl"), fresh=False)
     runs = {}
     for name in names:
         run_args = dict(vars(args), part=part)  # the checkpoint's config: a later --resume reads its part
@@ -499,7 +494,7 @@ def main(argv=None):
         epochs = range(1, plans[name]["epochs"] + 1)
         outputs = [f"{name}_{figure}" for figure in FIGURES] + [f"{name}_epoch{e}.png" for e in epochs]
         runs[name] = common.Run(SCRIPT, argparse.Namespace(**run_args), TRAINING_KEYS, name=name, label=name,
-                                outputs=outputs, log_every=LOG_EVERY, metrics=metrics)
+                                outputs=outputs, log_every=LOG_EVERY)
     data = runs[names[0]].load(lambda: load_data(args.dataset, args.data_dir, args.quick, device))
     n_train = len(data[0])
     biggest = max(plans[name]["batch_size"] for name in names)
