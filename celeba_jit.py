@@ -47,8 +47,7 @@ FLIPPED = ("celeba", "folder", "cifar10")  # as the official training; a mirrore
 NATIVE_RES = {"mnist": 28, "fashion": 28, "cifar10": 32}  # the datasets of one size; others default to 256
 CFG = 3.0  # our default w; the official JiT-B/16 command samples with w = 2.9 in the same interval
 CFG_INTERVAL = (0.1, 1.0)  # the official JiT-B/16 command's
-# --quick, the CPU recipe: the mnist preset, a short warm-up, an EMA of about the last 1/22 of the steps,
-# and 10 Heun steps (19 network calls instead of 99; the steps-and-solver curve is in docs/celeba_jit.md)
+# --quick, the CPU recipe; its 10 Heun steps are 19 network calls, not 99 (steps curve: docs/celeba_jit.md)
 QUICK = dict(model="mnist", epochs=8, batch_size=64, warmup_epochs=0.5, ema_warmup=22, cfg=3.5,
              cfg_interval=[0.2, 0.9], compile=True, steps=10)
 # --resume must continue the same run: all but --epochs (and sampling, output and device flags) must agree
@@ -136,9 +135,8 @@ def generate(model, noise, y, cfg, steps, solver="heun", interval=CFG_INTERVAL, 
 
 @torch.no_grad()
 def ema_update(ema, model, decay):
-    """ema <- decay * ema + (1 - decay) * theta, for every parameter."""
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p, 1 - decay)
+        e.lerp_(p, 1 - decay)  # e <- decay * e + (1 - decay) * p
 
 
 # ------------------------------------------------------------------------------------------- network
@@ -163,12 +161,8 @@ def check_grid(res, p, s):
     return (res - p) // s + 1
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):  # in fp32 even under autocast, as the official code
+class RMSNorm(nn.RMSNorm):
+    def forward(self, x):  # eps 1e-6, in fp32 even under autocast, as the official code
         return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), 1e-6).to(x.dtype)
 
 
@@ -269,13 +263,11 @@ class JiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        for weight in [self.y_embed.weight, self.t_embed[0].weight, self.t_embed[2].weight]:
+        embeddings = [self.y_embed.weight, self.t_embed[0].weight, self.t_embed[2].weight]
+        for weight in embeddings + ([self.context_pos] if self.context else []):
             nn.init.normal_(weight, std=0.02)
-        if self.context:
-            nn.init.normal_(self.context_pos, std=0.02)
         for layer in [block.ada[1] for block in self.blocks] + [self.final_ada[1], self.head]:
             nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
 
     def forward(self, z_t, t, y):
         """z_t (B, C, H, W), t (B,), labels y (B,) (num_classes: null) -> the output, read as x, v or e."""
@@ -336,7 +328,7 @@ def train_step(model, opt, scaler, x, y, loss_kwargs, grad_clip, precision):
 
 def train(args, device, precision):
     rank, world = common.rank_and_world()
-    sampling = sampling_settings(args, common.CLASS_NAMES.get(args.dataset, []), precision)
+    sampling = sampling_settings(args, len(common.CLASS_NAMES.get(args.dataset, [])), precision)
     run = common.Run(SCRIPT, args, TRAINING_KEYS, outputs=FIGURES, log_every=20)  # a GPU sync every 20 steps
     images, labels = run.load(lambda: load_data(args.dataset, args.data_dir, args.res, args.out))
     if device.type == "cuda" and images.nbytes < torch.cuda.mem_get_info(device)[0] / 3:
@@ -394,26 +386,25 @@ def train(args, device, precision):
 
 def benchmark(args, device, precision):
     """Training img/s (forward, backward, AdamW) and sampling img/s on random data, eager and compiled."""
-    classes = common.CLASS_NAMES.get(args.dataset, [])
-    sampling = sampling_settings(args, classes, precision)
     net = make_model(vars(args)).to(device)
+    sampling = sampling_settings(args, net.num_classes, precision)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, fused=device.type == "cuda")
     x = torch.randn(args.batch_size, net.channels, args.res, args.res, device=device).clamp(-1, 1)
-    y = torch.randint(0, max(1, len(classes)), (args.batch_size,), device=device)  # unconditional: null
+    y = torch.randint(0, max(1, net.num_classes), (args.batch_size,), device=device)  # unconditional: null
     rows = {}
     for name, model in [("eager", net), ("compiled", torch.compile(net))]:
         step = functools.partial(train_step, model, opt, common.grad_scaler(device, precision), x, y,
                                  loss_settings(args), args.grad_clip, precision)
-        sample = functools.partial(generate, model, torch.randn_like(x), y if classes else None, **sampling)
+        sample = functools.partial(generate, model, torch.randn_like(x), y, **sampling)
         rows[f"JiT-{args.model} {args.res} px {precision}, {name}"] = (step, sample, args.batch_size)
     return common.benchmark(rows, device, log=log)
 
 
 # ------------------------------------------------------------------------------------- figures and samples
-def sampling_settings(args, classes, precision):
-    if args.cfg is not None and not classes:
+def sampling_settings(args, num_classes, precision):
+    if args.cfg is not None and not num_classes:
         raise common.UserError("--cfg: this model is unconditional (no classes to guide); drop --cfg")
-    cfg = (CFG if args.cfg is None else args.cfg) if classes else 1.0
+    cfg = (CFG if args.cfg is None else args.cfg) if num_classes else 1.0
     return dict(cfg=cfg, steps=args.steps, solver=args.solver, interval=tuple(args.cfg_interval),
                 precision=precision)
 
@@ -432,10 +423,7 @@ def save_figures(model, config, epoch, sampling, gif=False):
     y = torch.arange(len(classes)).repeat_interleave(8) if classes else None
     keep = slice(None, None, 8) if classes else slice(0, 8)  # the GIF shows one image per class (or 8 images)
     frames = []
-
-    def on_step(z_t):
-        frames.append(z_t[keep].float().cpu())
-    x = generate(model, noise, y, **sampling, on_step=on_step)
+    x = generate(model, noise, y, **sampling, on_step=lambda z_t: frames.append(z_t[keep].float().cpu()))
     common.save_grid(x, os.path.join(config["out"], "samples.png"), nrow=8, scale=max(1, 96 // model.res),
                      row_labels=classes or None, title=title)
     if gif:  # about 20 frames at a smaller scale: noise compresses badly
@@ -466,7 +454,6 @@ def load_data(dataset, data_dir, res, out):
 
 
 def find_celeba(data_dir, must=True):
-    """The folder of CelebA jpgs: DATA, DATA/img_align_celeba or DATA/celeba/img_align_celeba."""
     for folder in (data_dir, os.path.join(data_dir, "img_align_celeba"),
                    os.path.join(data_dir, "celeba", "img_align_celeba")):
         if os.path.isdir(folder) and any(f.lower().endswith(IMAGE_EXTS) for f in os.listdir(folder)):
@@ -557,10 +544,9 @@ def parse_args(argv=None):
     add("--cfg", type=float, help=f"guidance scale w, class-conditional data only (default: {CFG:g}; 1: off)")
     add("--cfg-interval", type=float, nargs=2, default=list(CFG_INTERVAL), metavar=("LO", "HI"),
         help="guide only for LO < t < HI (LO = 0 includes t = 0)")
-    args = p.parse_args(argv)
-    if args.quick:
+    if p.parse_args(argv).quick:
         p.set_defaults(**QUICK)
-        args = p.parse_args(argv)
+    args = p.parse_args(argv)
     res = args.res or NATIVE_RES.get(args.dataset, 256)  # --model, --dataset and --res decide five defaults
     preset = PRESETS[args.model]
     p.set_defaults(patch=preset["patch"], stride=preset["stride"], lr=LR[args.model], res=res,
@@ -600,7 +586,7 @@ def main(argv=None):
     if not args.sample:
         return train(args, device, precision)
     model, config = load_model(args.sample, device)  # --sample: the figures and the .npz of the EMA weights
-    sampling = sampling_settings(args, common.CLASS_NAMES.get(config["dataset"], []), precision)
+    sampling = sampling_settings(args, model.num_classes, precision)
     common.prepare_out(args.out)
     if common.rank_and_world()[0] == 0:
         save_figures(model, dict(config, out=args.out, seed=args.seed), config["epoch"], sampling, gif=True)

@@ -1,26 +1,19 @@
 """Evaluate generated samples: the .npz a script's --save-samples writes (uint8 `images` N x C x H x W, int64
 `labels`, -1 = unconditional), against the real images they imitate.
 
-mnist, fashion (28x28 grey): a small CNN classifier, trained once on the real training split and cached in
---cache-dir (it reports its test accuracy), measures
+mnist, fashion (28x28 grey): a small CNN classifier, trained once on the training split and cached, measures
   class accuracy  how often the classifier names the class each sample was drawn for, overall and per class
-  FD              the Frechet distance between the penultimate classifier features (128 numbers) of the
-                  samples and of the real test split: FID's recipe with this classifier in place of
-                  Inception, so it ranks this project's runs but is not comparable with published FIDs
-  floor           the same distance for N real *training* images (a seeded random subset) against the test
-                  split: what a perfect generator scores with N samples (FD is biased upward at small N), so
-                  FD / floor near 1 is as good as it gets. The classifier was trained on these images, so it
-                  may see them a little differently from new ones: the floor is approximate
-  Both fall as N grows: compare FDs (and FIDs) only between runs with the same number of samples.
-cifar10, folder (RGB): the standard FID, by torch-fidelity (pip install torch-fidelity), which reproduces the
-  TensorFlow Inception reference numbers (torchmetrics uses its Inception weights too). Protocol: every sample
-  in the npz (FID-50K: save 50,000) against the real training images (cifar10: the 50,000 training images;
-  folder: every image in --data-dir, centre-cropped square and resized to the samples' size as celeba_jit.py
-  trains on them), all handed over as uint8 at their own resolution: torch-fidelity resizes them bilinearly to
-  299 as the TF original does. No class accuracy for RGB data.
+  FD              the Frechet distance of its 128 penultimate features, samples vs the real test split: FID
+                  with this classifier for Inception, comparable within this project, not with published FIDs
+  floor           the same for N real *training* images (a seeded subset): what a perfect generator scores
+                  with N samples, so FD / floor near 1 is as good as it gets. The classifier was trained on
+                  these images and may see them a little differently from new ones: the floor is approximate
+  Both fall as N grows (FD is biased upward at small N): compare FDs (and FIDs) only at equal N.
+cifar10, folder (RGB): the standard FID by torch-fidelity (pip install torch-fidelity), reproducing TF's FID:
+  every sample (FID-50K: save 50,000) against every real training image (folder: each in --data-dir, cropped
+  and resized to the samples' size as celeba_jit.py does), as uint8: torch-fidelity resizes to 299 as TF does.
 
-  python evaluate.py cfg.npz --dataset mnist --data-dir data
-  python evaluate.py samples.npz --dataset fashion --data-dir data --metrics runs/evaluate/metrics.jsonl
+  python evaluate.py cfg.npz --dataset mnist --data-dir data --metrics runs/evaluate/metrics.jsonl
   python evaluate.py fid50k.npz --dataset cifar10 --data-dir data --device cuda
 """
 import argparse
@@ -55,8 +48,7 @@ IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 def feature_stats(features):
     """Mean and covariance of N x D features, in float64; unbiased (/ (N-1)) as np.cov and the FID code."""
     f = torch.as_tensor(features, dtype=torch.float64)
-    mu = f.mean(0)
-    return mu, (f - mu).T @ (f - mu) / (len(f) - 1)
+    return f.mean(0), torch.cov(f.T)
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2):
@@ -116,14 +108,10 @@ def train_classifier(images, labels, device):
 
 
 def get_classifier(dataset, train, test, cache_dir, device, batch_size):
-    """Trained once per training set: cached as classifier-{dataset}-{hash12}.pt, the sha1 of the training
-    images, their labels, RECIPE and the code of the network, its training and its input scaling (a changed
-    network with the same shapes would load stale weights). Returns (model, its test accuracy, cache path)."""
-    h = hashlib.sha1(train[0].numpy().tobytes())
-    h.update(train[1].numpy().tobytes())
-    h.update(RECIPE.encode())
-    for code in (Classifier, train_classifier, embed):
-        h.update(inspect.getsource(code).encode())
+    """(model, test accuracy, cache path). Trained once, cached by a sha1 of the training set, RECIPE and code
+    (network, training, input scaling: a changed network of the same shapes must not load stale weights)."""
+    code = "".join(inspect.getsource(f) for f in (Classifier, train_classifier, embed))
+    h = hashlib.sha1(train[0].numpy().tobytes() + train[1].numpy().tobytes() + (RECIPE + code).encode())
     path = os.path.join(cache_dir, f"classifier-{dataset}-{h.hexdigest()[:12]}.pt")
     model = Classifier()
     if os.path.isfile(path):
@@ -146,7 +134,7 @@ def get_classifier(dataset, train, test, cache_dir, device, batch_size):
 
 # ------------------------------------------------------------------------------------- the samples
 def load_samples(path, dataset, unconditional):
-    """The npz's images (uint8 N x C x H x W) and labels (int64, -1 = none), checked before any work."""
+    """The npz's images (uint8 N x C x H x W) and labels (int64, -1 = none) as tensors, checked up front."""
     if not os.path.isfile(path):  # a FIFO or a device is never opened: reading one could hang
         what = ("is a folder" if os.path.isdir(path) else "is not a regular file (a device or a FIFO)"
                 if os.path.exists(path) else "does not exist")
@@ -160,21 +148,19 @@ def load_samples(path, dataset, unconditional):
     except Exception as e:
         raise common.UserError(f"{path} is not a readable .npz file ({e}); pass what --save-samples wrote")
     if "images" not in arrays:
-        raise common.UserError(f"{path} has no `images` array (it holds {sorted(arrays) or 'nothing'}); "
-                               f"pass the file --save-samples wrote")
+        raise common.UserError(f"{path} has no `images` array (it holds {sorted(arrays) or 'nothing'})")
     images = arrays["images"]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise common.UserError(f"{path} holds {images.dtype} images of shape {images.shape}; evaluation "
                                f"needs uint8 N x C x H x W, as --save-samples writes them")
     if len(images) < 2:
-        raise common.UserError(f"{path} holds {len(images)} images; a distance between distributions needs "
-                               f"at least 2 (a meaningful one, thousands): save more samples")
+        raise common.UserError(f"{path} holds {len(images)} images, too few for a distance: save thousands")
     want, got = SHAPES.get(dataset, (3,) + images.shape[2:]), images.shape[1:]
     if got != want:
         raise common.UserError(f"{path} holds {' x '.join(map(str, got))} images but {dataset} needs "
                                f"{' x '.join(map(str, want))}; pass samples of a {dataset} model")
     if dataset in RGB or unconditional:  # FID ignores labels; --unconditional says there are none
-        return images, np.full(len(images), -1)
+        return torch.from_numpy(images), torch.full((len(images),), -1)
     if "labels" not in arrays:
         raise common.UserError(f"{path} has no `labels` array; pass --unconditional to report only distances")
     labels = arrays["labels"]
@@ -184,32 +170,24 @@ def load_samples(path, dataset, unconditional):
     if ((labels < -1) | (labels >= NUM_CLASSES)).any():
         raise common.UserError(f"{path} has labels outside 0..{NUM_CLASSES - 1} (and -1, unconditional); "
                                f"pass samples of a {dataset} model")
-    return images, labels.astype(np.int64)
+    return torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
 
 
 # ------------------------------------------------------------------------------------------ RGB: FID
-class ArrayImages(torch.utils.data.Dataset):
-    """uint8 C x H x W tensors one at a time: the input torch-fidelity takes."""
+class Images(torch.utils.data.Dataset):
+    """uint8 C x H x W tensors one at a time, the input torch-fidelity takes: a tensor's rows, or image files
+    decoded when asked for (a photo set need not fit in memory), centre-cropped square, resized to `size`."""
 
-    def __init__(self, images):
-        self.images = images
+    def __init__(self, items, size=None):
+        self.items, self.size = items, size
 
     def __len__(self):
-        return len(self.images)
+        return len(self.items)
 
     def __getitem__(self, i):
-        return torch.from_numpy(self.images[i])
-
-
-class FolderImages(ArrayImages):
-    """Image files, decoded when asked for (a photo set need not fit in memory), centre-cropped square and
-    resized to the samples' H x W."""
-
-    def __init__(self, files, size):
-        self.images, self.size = files, size
-
-    def __getitem__(self, i):
-        with Image.open(self.images[i]) as img:
+        if self.size is None:
+            return self.items[i]
+        with Image.open(self.items[i]) as img:
             img, side = img.convert("RGB"), min(img.size)
             left, top = (img.width - side) // 2, (img.height - side) // 2
             img = img.crop((left, top, left + side, top + side)).resize(self.size[::-1], Image.BICUBIC)
@@ -223,25 +201,24 @@ def inception_fid(images, dataset, data_dir, device, batch_size):
     except ImportError:
         raise common.UserError("RGB samples are scored (FID) by torch-fidelity: pip install torch-fidelity")
     if dataset == "cifar10":
-        reference = ArrayImages(common.load_dataset("cifar10", data_dir, train=True)[0].numpy())
+        reference = Images(common.load_dataset("cifar10", data_dir, train=True)[0])
     else:
         names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
         files = [os.path.join(data_dir, f) for f in names if f.lower().endswith(IMAGE_EXTS)]
         if not files:
             raise common.UserError(f"no images ({', '.join(IMAGE_EXTS)}) in {data_dir}; pass --data-dir DIR, "
                                    f"the folder of real images")
-        reference = FolderImages(files, images.shape[2:])
+        reference = Images(files, images.shape[2:])
     weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
     if not os.path.isfile(weights):  # torch-fidelity would download it too, but fail with a bare URLError
         try:
             os.makedirs(os.path.dirname(weights), exist_ok=True)
             torch.hub.download_url_to_file(INCEPTION_URL, weights, progress=False)
         except Exception as e:
-            raise common.UserError(f"torch-fidelity's Inception weights (inception-2015-12-05) could not be "
-                                   f"downloaded ({e}); run once with internet, or put {INCEPTION_URL} at "
-                                   f"{weights} (torch's hub folder, under $TORCH_HOME)")
+            raise common.UserError(f"torch-fidelity's Inception weights could not be downloaded ({e}); run "
+                                   f"once with internet, or put {INCEPTION_URL} at {weights}")
     print(f"FID: Inception features of {len(images):,} samples and {len(reference):,} real images")
-    metrics = torch_fidelity.calculate_metrics(input1=ArrayImages(images), input2=reference, fid=True,
+    metrics = torch_fidelity.calculate_metrics(input1=Images(images), input2=reference, fid=True,
                                                cuda=device.type == "cuda", batch_size=batch_size,
                                                feature_extractor_weights_path=weights, verbose=False)
     return metrics["frechet_inception_distance"], len(reference)
@@ -269,11 +246,10 @@ def evaluate(npz_path, dataset, data_dir, cache_dir="runs/evaluate", device="cpu
     except OSError as e:
         raise common.UserError(f"cannot write to {cache_dir} ({e.strerror}); pass a writable --cache-dir")
     model, test_accuracy, path = get_classifier(dataset, train, test, cache_dir, device, batch_size)
-    feats, logits = embed(model, torch.from_numpy(images), device, batch_size)
+    feats, logits = embed(model, images, device, batch_size)
     test_feats = embed(model, test[0], device, batch_size)[0]
     if not (feats.isfinite().all() and test_feats.isfinite().all()):  # eigh would fail with LinAlgError
-        raise common.UserError(f"the classifier cache {path} holds non-finite weights (its features are NaN "
-                               f"or inf); delete it to train a new one")
+        raise common.UserError(f"the classifier cache {path} holds non-finite weights; delete it to retrain")
     test_stats = feature_stats(test_feats)
     fd = frechet_distance(*feature_stats(feats), *test_stats)
     subset = torch.randperm(len(train[0]), generator=torch.Generator().manual_seed(seed))[:n]  # at most all
@@ -283,7 +259,6 @@ def evaluate(npz_path, dataset, data_dir, cache_dir="runs/evaluate", device="cpu
               "classifier_test_accuracy": test_accuracy, "class_accuracy": None, "per_class_accuracy": None,
               "fd": fd, "fd_floor": floor, "floor_n": len(subset), "fd_ratio": fd / floor if floor else None}
     print(f"classifier test accuracy: {test_accuracy:.2%}")
-    labels = torch.from_numpy(labels)
     if (labels < 0).all():
         print("class accuracy: skipped (unconditional samples: every label is -1)")
     else:
@@ -295,10 +270,9 @@ def evaluate(npz_path, dataset, data_dir, cache_dir="runs/evaluate", device="cpu
         print(f"class accuracy: {right.mean().item():.2%} of {len(y):,} labelled samples\n"
               f"  per class: {', '.join(shown[:5])}\n             {', '.join(shown[5:])}")
     ratio = "" if result["fd_ratio"] is None else f"   FD / floor = {result['fd_ratio']:.3g}"
-    print(f"FD (classifier features, {n:,} samples vs the {len(test[0]):,} test images): {fd:.4g}\n"
-          f"floor (the same for {len(subset):,} real training images): {floor:.4g}{ratio}\n"
-          f"  both fall as n grows: compare only at equal n; the classifier was trained on the floor's "
-          f"images")
+    print(f"FD (classifier features, {n:,} samples vs the {len(test[0]):,} test images): {fd:.4g}")
+    print(f"floor (the same for {len(subset):,} real training images): {floor:.4g}{ratio}")
+    print("  both fall as n grows: compare only at equal n; the classifier was trained on the floor's images")
     return result
 
 
@@ -308,8 +282,7 @@ def parse_args(argv=None):
     add = p.add_argument
     add("samples", metavar="SAMPLES.npz", help="the file a script's --save-samples wrote")
     add("--dataset", required=True, choices=GREY + RGB, help="the real data the samples imitate")
-    add("--data-dir", default="data", help="the torchvision root (mnist, fashion, cifar10), or for folder "
-        "the folder of real images")
+    add("--data-dir", default="data", help="torchvision root (mnist, fashion, cifar10) or the image folder")
     add("--cache-dir", default=os.path.join("runs", "evaluate"), help="where trained classifiers are kept")
     add("--device", help="cuda, cuda:N, mps or cpu (default: the best available; FID: cuda or cpu)")
     add("--seed", type=int, default=0, help="picks the real training images of the floor (images the "
