@@ -8,12 +8,10 @@ images - plots - checkpoints (atomic writes, checksums) and metrics.jsonl - prog
 """
 import argparse
 import hashlib
-import io
 import json
 import math
 import os
 import pickle
-import random
 import re
 import shutil
 import signal
@@ -246,28 +244,18 @@ def get_device(name=None):
 
 
 def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds every CUDA device
+    torch.manual_seed(seed)  # also seeds every CUDA device; nothing here draws from Python's or numpy's RNG
 
 
 def rng_state():
-    """All RNG states, in a form torch.load(weights_only=True) accepts, so --resume continues the stream."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),  # weights_only refuses arrays
-        "torch": torch.get_rng_state(),
-    }
+    """The RNG states of the CPU and every CUDA device, so that --resume continues the streams."""
+    state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state):
-    random.setstate(state["python"])
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -351,15 +339,13 @@ def rank0_first(load, rank, world):
 
 
 def all_rng_states():
-    """Every rank's rng_state(), indexed by rank (call it on every rank), so a resumed torchrun job continues
-    each rank's stream. Sent as torch.save bytes: all_gather_object can't pickle numpy's uint32 tensor."""
+    """Every rank's rng_state(), indexed by rank (call it on every rank), so that a resumed torchrun job
+    continues each rank's stream."""
     if not (dist.is_available() and dist.is_initialized()):
         return [rng_state()]
-    buf = io.BytesIO()
-    torch.save(rng_state(), buf)
     states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, buf.getvalue())
-    return [torch.load(io.BytesIO(s), weights_only=True) for s in states]
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 def set_rank_rng_state(states, fresh_seed):
@@ -490,14 +476,6 @@ def to_uint8(x):
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
-def font(size=13):
-    """A scalable font (Pillow >= 10.1); PIL's tiny bitmap font on older Pillow."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
-
-
 def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None, title=None):
     """(N, C, H, W) images in [-1, 1] tiled into a PIL image, nrow per row, with optional labels and title."""
     import torchvision
@@ -507,7 +485,7 @@ def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None, t
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     if not (row_labels or col_labels or title):
         return img
-    f = font()
+    f = ImageFont.load_default(size=13)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # the text must be measured before the canvas is sized
     left = 6 + max((measure.textlength(s, font=f) for s in row_labels or []), default=0)
     top = (18 if title else 0) + (16 if col_labels else 0)
@@ -544,11 +522,11 @@ def save_gif(frames, path, nrow, scale=1, ms_per_frame=80, title=None):
 
 
 # ------------------------------------------------------------------------------------------- plots
-def nice_ticks(lo, hi, count=5, integer=False):
-    """About `count` round tick values (1, 2 or 5 times a power of ten) covering [lo, hi]."""
+def nice_ticks(lo, hi, count):
+    """About `count` whole-number ticks (1, 2 or 5 times a power of ten apart) covering [lo, hi]."""
     raw = (hi - lo) / max(count - 1, 1) or 1.0
     step = min((m * 10 ** math.floor(math.log10(raw)) for m in (1, 2, 5, 10)), key=lambda s: abs(s - raw))
-    step = max(step, 1) if integer else step
+    step = max(step, 1)
     first = math.ceil(lo / step) * step
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
@@ -563,47 +541,44 @@ def log_ticks(e0, e1):
     return ticks
 
 
-def plot_curves(path, curves, title="training loss", xlabel="step", ylabel="loss", log_y=True,
-                size=(720, 420), marks=()):
-    """A line plot drawn with PIL. curves: {name: list of y, or (xs, ys)}; marks: (x, label) pairs drawn as
-    dotted vertical lines (e.g. epochs). A long noisy curve is drawn faint, with its moving average on top."""
+def plot_curves(path, curves, title, marks=()):
+    """Loss curves {name: the loss of each step} on a log scale, drawn with PIL; marks: (step, label) pairs
+    drawn as dotted vertical lines (epochs). A long noisy curve is drawn faint, its moving average on top."""
     series = {}
-    for name, c in curves.items():
-        xs, ys = c if isinstance(c, tuple) else (range(1, len(c) + 1), c)
-        points = [(x, y) for x, y in zip(xs, ys) if math.isfinite(y) and (y > 0 or not log_y)]
+    for name, losses in curves.items():
+        points = [(x, y) for x, y in enumerate(losses, 1) if math.isfinite(y) and y > 0]
         if points:
             series[name] = points
-    W, H = size
+    W, H = 720, 420
     L, R, T, B = 78, 20, 44, 50  # the margins (left, right, top, bottom) hold the tick labels and titles
-    img = Image.new("RGB", size, "white")
+    img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
-    f = font()
-    draw.text((W // 2, 6), title, fill="black", font=font(15), anchor="mt")
-    draw.text((6, T - 20), ylabel + (" (log scale)" if log_y else ""), fill="black", font=f)
-    draw.text(((L + W - R) // 2, H - 6), xlabel, fill="black", font=f, anchor="mb")
+    f = ImageFont.load_default(size=13)
+    draw.text((W // 2, 6), title, fill="black", font=ImageFont.load_default(size=15), anchor="mt")
+    draw.text((6, T - 20), "loss (log scale)", fill="black", font=f)
+    draw.text(((L + W - R) // 2, H - 6), "step", fill="black", font=f, anchor="mb")
     if not series:
         return save_image(img, path)
-    scale = math.log10 if log_y else float
     xs = [x for points in series.values() for x, _ in points]
-    ys = [scale(y) for points in series.values() for _, y in points]
+    ys = [math.log10(y) for points in series.values() for _, y in points]
     x0 = min(xs)
     x1 = max(xs) if max(xs) > x0 else x0 + 1  # a single point or a flat curve still needs axes of some length
     y0 = min(ys)
     y1 = max(ys) if max(ys) > y0 else y0 + 1e-3
     px = lambda x: L + (x - x0) / (x1 - x0) * (W - L - R)
-    py = lambda y: H - B - (scale(y) - y0) / (y1 - y0) * (H - T - B)
+    py = lambda y: H - B - (math.log10(y) - y0) / (y1 - y0) * (H - T - B)
     draw.rectangle([L, T, W - R, H - B], outline="black")
-    for x in nice_ticks(x0, x1, 6, integer=all(float(v).is_integer() for v in xs)):
+    for x in nice_ticks(x0, x1, 6):
         draw.line([px(x), H - B, px(x), H - B + 4], fill="black")
         draw.text((px(x), H - B + 6), f"{x:,.10g}", fill="black", font=f, anchor="mt")
-    for y in log_ticks(y0, y1) if log_y else nice_ticks(y0, y1, 5):
+    for y in log_ticks(y0, y1):
         draw.line([L - 4, py(y), L, py(y)], fill="black")
         draw.text((L - 6, py(y)), f"{y:.3g}", fill="black", font=f, anchor="rm")
     for x, label in marks:
         if x0 <= x <= x1:
             for y in range(T, H - B, 6):  # a dotted line
                 draw.line([px(x), y, px(x), y + 2], fill=(150, 150, 150))
-            draw.text((px(x) + 2, T + 2), label, fill=(120, 120, 120), font=font(11))
+            draw.text((px(x) + 2, T + 2), label, fill=(120, 120, 120), font=ImageFont.load_default(size=11))
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
     for k, (name, points) in enumerate(series.items()):
         colour = colours[k % len(colours)]
@@ -742,19 +717,10 @@ def load_checkpoint(path, script, config=None, must_match=()):
     return ckpt
 
 
-class Metrics:
-    """One JSON object per line in `path` (e.g. runs/<script>/metrics.jsonl): per-step losses, per-epoch
-    summaries, evaluation numbers, for your own plots. --resume appends; a fresh run starts the file anew."""
-
-    def __init__(self, path, fresh):
-        self.path = path
-        if fresh and os.path.exists(path):
-            os.remove(path)
-
-    def log(self, **fields):
-        fields = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in fields.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 2), **fields}) + "\n")
+def append_json(path, **fields):
+    """One JSON object a line (e.g. runs/<script>/metrics.jsonl), for your own plots; a resumed run appends."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"time": round(time.time(), 2), **fields}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- progress
@@ -825,8 +791,7 @@ class Run:
     The checkpoint <out>/<name>.pt holds script, config (the flags), each restored object's state dict, epoch,
     step, every rank's RNG state, the loss of every step (averaged over ranks), and the `extra` of save()."""
 
-    def __init__(self, script, args, must_match, name="last", outputs=(), log_every=50, label=None,
-                 metrics=None):
+    def __init__(self, script, args, must_match, name="last", outputs=(), log_every=50, label=None):
         self.script = script
         self.config = vars(args)
         self.rank, self.world = rank_and_world()
@@ -839,7 +804,7 @@ class Run:
         check_outputs(args.out, [f"{name}.pt", "metrics.jsonl", ".lock", *outputs])
         prepare_out(args.out)  # on every rank: a bad --out stops each of them, none waits for the others
         self.fresh = self.ckpt is None  # metrics.jsonl starts anew once load() holds the lock
-        self.metrics = metrics or Metrics(os.path.join(args.out, "metrics.jsonl"), fresh=False)
+        self.metrics = os.path.join(args.out, "metrics.jsonl")
         self.epoch = 0  # epochs done
         self.step = 0
         self.losses = []
@@ -852,8 +817,8 @@ class Run:
         def lock_and_load():
             if self.rank == 0:
                 lock_out(self.out)
-                if self.fresh and os.path.exists(self.metrics.path):
-                    os.remove(self.metrics.path)
+                if self.fresh and os.path.exists(self.metrics):
+                    os.remove(self.metrics)
             return load()
         return rank0_first(lock_and_load, self.rank, self.world)
 
@@ -925,7 +890,7 @@ class Run:
         """A line of metrics.jsonl (rank 0) about the epoch in progress."""
         if self.rank == 0:
             run = {"run": self.label} if self.label else {}
-            self.metrics.log(**run, **fields, epoch=self.epoch + 1, lr=self.lr)
+            append_json(self.metrics, **run, **fields, epoch=self.epoch + 1, lr=self.lr)
 
     def save(self, **extra):
         """The end of an epoch: every rank's RNG is gathered, then rank 0 writes the checkpoint and the

@@ -301,7 +301,7 @@ def main(argv=None):
         common.check_output_file(args.metrics, "--metrics")  # refuses a FIFO: the read below never hangs
     if args.metrics and os.path.isfile(args.metrics):
         with open(args.metrics, "rb") as f:
-            text = f.read(1) in (b"", b"{")  # every line Metrics writes is a JSON object
+            text = f.read(1) in (b"", b"{")  # every line append_json writes is a JSON object
         same = os.path.exists(args.samples) and os.path.samefile(args.metrics, args.samples)
         if same or not text:
             what = "is the samples file" if same else "exists and is not a JSON-lines file"
@@ -310,7 +310,7 @@ def main(argv=None):
     result = evaluate(args.samples, args.dataset, args.data_dir, args.cache_dir, args.device, args.seed,
                       args.batch_size, args.unconditional)
     if args.metrics:
-        common.Metrics(args.metrics, fresh=False).log(**result)
+        common.append_json(args.metrics, **result)
         print(f"appended to {args.metrics}")
 
 
