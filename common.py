@@ -718,7 +718,7 @@ def load_checkpoint(path, script, config=None, must_match=()):
 
 
 def append_json(path, **fields):
-    """One JSON object a line (e.g. runs/<script>/metrics.jsonl), for your own plots; a resumed run appends."""
+    """Append one JSON object as a line (metrics.jsonl: for your own plots; a resumed run appends)."""
     with open(path, "a") as f:
         f.write(json.dumps({"time": round(time.time(), 2), **fields}) + "\n")
 
