@@ -47,7 +47,8 @@ FLIPPED = ("celeba", "folder", "cifar10")  # as the official training; a mirrore
 NATIVE_RES = {"mnist": 28, "fashion": 28, "cifar10": 32}  # the datasets of one size; others default to 256
 CFG = 3.0  # our default w; the official JiT-B/16 command samples with w = 2.9 in the same interval
 CFG_INTERVAL = (0.1, 1.0)  # the official JiT-B/16 command's
-# --quick, the CPU recipe; its 10 Heun steps are 19 network calls, not 99 (steps curve: docs/celeba_jit.md)
+# --quick, the CPU recipe: the mnist preset, a short warm-up, an EMA of about the last 1/22 of the steps,
+# and 10 Heun steps (19 network calls instead of 99; the steps-and-solver curve is in docs/celeba_jit.md)
 QUICK = dict(model="mnist", epochs=8, batch_size=64, warmup_epochs=0.5, ema_warmup=22, cfg=3.5,
              cfg_interval=[0.2, 0.9], compile=True, steps=10)
 # --resume must continue the same run: all but --epochs (and sampling, output and device flags) must agree
@@ -161,8 +162,12 @@ def check_grid(res, p, s):
     return (res - p) // s + 1
 
 
-class RMSNorm(nn.RMSNorm):
-    def forward(self, x):  # eps 1e-6, in fp32 even under autocast, as the official code
+class RMSNorm(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # in fp32 even under autocast, as the official code
         return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), 1e-6).to(x.dtype)
 
 
@@ -263,9 +268,10 @@ class JiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-        embeddings = [self.y_embed.weight, self.t_embed[0].weight, self.t_embed[2].weight]
-        for weight in embeddings + ([self.context_pos] if self.context else []):
+        for weight in [self.y_embed.weight, self.t_embed[0].weight, self.t_embed[2].weight]:
             nn.init.normal_(weight, std=0.02)
+        if self.context:
+            nn.init.normal_(self.context_pos, std=0.02)
         for layer in [block.ada[1] for block in self.blocks] + [self.final_ada[1], self.head]:
             nn.init.zeros_(layer.weight)
 
@@ -386,8 +392,8 @@ def train(args, device, precision):
 
 def benchmark(args, device, precision):
     """Training img/s (forward, backward, AdamW) and sampling img/s on random data, eager and compiled."""
+    sampling = sampling_settings(args, len(common.CLASS_NAMES.get(args.dataset, [])), precision)
     net = make_model(vars(args)).to(device)
-    sampling = sampling_settings(args, net.num_classes, precision)
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, fused=device.type == "cuda")
     x = torch.randn(args.batch_size, net.channels, args.res, args.res, device=device).clamp(-1, 1)
     y = torch.randint(0, max(1, net.num_classes), (args.batch_size,), device=device)  # unconditional: null

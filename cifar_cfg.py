@@ -158,7 +158,7 @@ class UNet(nn.Module):
         self.class_embed = nn.Embedding(num_classes, emb_dim)  # added to the time embedding
         self.conv_in = nn.Conv2d(image_channels, c0, 3, padding=1)
         skips, c_prev, last = [c0], c0, len(channels) - 1
-        self.encoder = nn.ModuleList()
+        self.encoder = nn.ModuleList()  # a level per resolution: ResBlocks, their attention, a resampler
         for i, c in enumerate(channels):  # 32x32 -> 16 -> 8 (attention) -> 4
             res = nn.ModuleList(ResBlock(c_prev if j == 0 else c, c, emb_dim) for j in range(2))
             attn = nn.ModuleList([SelfAttention(c) for _ in range(2)] if i == 2 else [])
@@ -188,20 +188,20 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for level in self.encoder:
-            for i, res in enumerate(level.res):
+            for i, res in enumerate(level["res"]):
                 h = res(h, emb_act)
-                h = level.attn[i](h) if len(level.attn) else h
+                h = level["attn"][i](h) if len(level["attn"]) else h
                 skips.append(h)
-            if level.resample is not None:
-                h = level.resample(h)
+            if level["resample"] is not None:
+                h = level["resample"](h)
                 skips.append(h)
         h = self.mid_res2(self.mid_attn(self.mid_res1(h, emb_act)), emb_act)
         for level in self.decoder:
-            for i, res in enumerate(level.res):
+            for i, res in enumerate(level["res"]):
                 h = res(torch.cat([h, skips.pop()], dim=1), emb_act)
-                h = level.attn[i](h) if len(level.attn) else h
-            if level.resample is not None:
-                h = level.resample(h)
+                h = level["attn"][i](h) if len(level["attn"]) else h
+            if level["resample"] is not None:
+                h = level["resample"](h)
         return self.conv_out(F.silu(self.out_norm(h)))
 
 
@@ -284,8 +284,9 @@ def write_figures(model, args, dataset, shape, sampling):
     common.save_grid(crop(grid, shape), os.path.join(args.out, "classes.png"), nrow=10, scale=2,
                      row_labels=names, title=f"{what}, w={sampling['cfg']:g}")
     keep = frames[::max(1, len(frames) // 24)][:-1] + frames[-1:]  # at most ~25 frames, always the last
-    common.save_gif([crop(f.cpu(), shape).clamp(-1, 1) for f in keep], os.path.join(args.out, "sampling.gif"),
-                    nrow=10, title=f"{what}, w={sampling['cfg']:g}: x_t from t=0 to 1")
+    frames = [crop(f.cpu(), shape).clamp(-1, 1) for f in keep]
+    title = f"{what}, w={sampling['cfg']:g}: x_t from t=0 to 1"
+    common.save_gif(frames, os.path.join(args.out, "sampling.gif"), nrow=10, title=title)
     per_w, k = 2, len(GUIDANCE_SWEEP)  # rows: classes; columns: per_w samples at each w, same noise at each w
     noise = torch.randn(len(classes), 1, per_w, shape[0], RES, RES,
                         generator=torch.Generator().manual_seed(seed + 1))

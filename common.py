@@ -476,6 +476,14 @@ def to_uint8(x):
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
 
 
+def font(size=13):
+    """A scalable font (Pillow >= 10.1); PIL's tiny bitmap font on older Pillow."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None, title=None):
     """(N, C, H, W) images in [-1, 1] tiled into a PIL image, nrow per row, with optional labels and title."""
     import torchvision
@@ -485,7 +493,7 @@ def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None, t
         img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
     if not (row_labels or col_labels or title):
         return img
-    f = ImageFont.load_default(size=13)
+    f = font()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))  # the text must be measured before the canvas is sized
     left = 6 + max((measure.textlength(s, font=f) for s in row_labels or []), default=0)
     top = (18 if title else 0) + (16 if col_labels else 0)
@@ -553,8 +561,8 @@ def plot_curves(path, curves, title, marks=()):
     L, R, T, B = 78, 20, 44, 50  # the margins (left, right, top, bottom) hold the tick labels and titles
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
-    f = ImageFont.load_default(size=13)
-    draw.text((W // 2, 6), title, fill="black", font=ImageFont.load_default(size=15), anchor="mt")
+    f = font()
+    draw.text((W // 2, 6), title, fill="black", font=font(15), anchor="mt")
     draw.text((6, T - 20), "loss (log scale)", fill="black", font=f)
     draw.text(((L + W - R) // 2, H - 6), "step", fill="black", font=f, anchor="mb")
     if not series:
@@ -578,7 +586,7 @@ def plot_curves(path, curves, title, marks=()):
         if x0 <= x <= x1:
             for y in range(T, H - B, 6):  # a dotted line
                 draw.line([px(x), y, px(x), y + 2], fill=(150, 150, 150))
-            draw.text((px(x) + 2, T + 2), label, fill=(120, 120, 120), font=ImageFont.load_default(size=11))
+            draw.text((px(x) + 2, T + 2), label, fill=(120, 120, 120), font=font(11))
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
     for k, (name, points) in enumerate(series.items()):
         colour = colours[k % len(colours)]
@@ -804,7 +812,7 @@ class Run:
         check_outputs(args.out, [f"{name}.pt", "metrics.jsonl", ".lock", *outputs])
         prepare_out(args.out)  # on every rank: a bad --out stops each of them, none waits for the others
         self.fresh = self.ckpt is None  # metrics.jsonl starts anew once load() holds the lock
-        self.metrics = os.path.join(args.out, "metrics.jsonl")
+        self.metrics_path = os.path.join(args.out, "metrics.jsonl")
         self.epoch = 0  # epochs done
         self.step = 0
         self.losses = []
@@ -817,8 +825,8 @@ class Run:
         def lock_and_load():
             if self.rank == 0:
                 lock_out(self.out)
-                if self.fresh and os.path.exists(self.metrics):
-                    os.remove(self.metrics)
+                if self.fresh and os.path.exists(self.metrics_path):
+                    os.remove(self.metrics_path)
             return load()
         return rank0_first(lock_and_load, self.rank, self.world)
 
@@ -890,7 +898,7 @@ class Run:
         """A line of metrics.jsonl (rank 0) about the epoch in progress."""
         if self.rank == 0:
             run = {"run": self.label} if self.label else {}
-            append_json(self.metrics, **run, **fields, epoch=self.epoch + 1, lr=self.lr)
+            append_json(self.metrics_path, **run, **fields, epoch=self.epoch + 1, lr=self.lr)
 
     def save(self, **extra):
         """The end of an epoch: every rank's RNG is gathered, then rank 0 writes the checkpoint and the

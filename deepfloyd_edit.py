@@ -304,8 +304,8 @@ def task_onestep(c):
 
 
 def task_iterative(c):
-    """The panels in denoising order: x_t every 5th step from t = 690, the clean result, then one-step
-    denoising and a blur of the same start, and the original. Returns them and their labels."""
+    """iterative.png, in denoising order: x_t every 5th step from t = 690, the clean result, then one-step
+    denoising and a blur of the same start, and the original. Returns these panels and their labels."""
     i = start_index(c.ts, ITERATIVE_T)
     clean, xs = sdedit(c.estimate(c.prompt, 1.0), c.image, ITERATIVE_T, c.ts, c.abar, c.gen(), c.threshold)
     x_t = xs[0]
@@ -342,6 +342,14 @@ def sdedit_figure(c, name, what, prompt):
            col_labels=t_labels([c.ts[start_index(c.ts, t)] for t in SDEDIT_TS]) + ["original"])
 
 
+def task_sdedit(c):
+    sdedit_figure(c, "sdedit", "SDEdit", c.prompt)
+
+
+def task_img2img(c):
+    sdedit_figure(c, "img2img", "text-conditional image-to-image", c.edit_prompt)
+
+
 def task_inpaint(c):
     m = c.mask[None]
     estimate = c.estimate(c.prompt, c.cfg)
@@ -373,11 +381,8 @@ def task_hybrid(c):
 
 
 TASKS = {"forward": task_forward, "blur": task_blur, "onestep": task_onestep, "iterative": task_iterative,
-         "sample": task_sample, "cfg": task_cfg,
-         "sdedit": lambda c: sdedit_figure(c, "sdedit", "SDEdit", c.prompt),
-         "inpaint": task_inpaint,
-         "img2img": lambda c: sdedit_figure(c, "img2img", "text-conditional image-to-image", c.edit_prompt),
-         "anagram": task_anagram, "hybrid": task_hybrid}
+         "sample": task_sample, "cfg": task_cfg, "sdedit": task_sdedit, "inpaint": task_inpaint,
+         "img2img": task_img2img, "anagram": task_anagram, "hybrid": task_hybrid}
 
 
 # ----------------------------------------------------------------------- images: built-in and files
@@ -471,9 +476,9 @@ def builtin_photos():
     return [drawing(tower), drawing(sketch)], ["tower (built-in)", "sketch (built-in)"]
 
 
-def open_image(path, what, mode="RGB"):
-    """The image centre-cropped to a square and resized to 64x64, IF's stage-1 input (bicubic like IF's
-    training data; nearest for a mask, mode L), and its size before."""
+def open_square64(path, what, mode="RGB"):
+    """An image file as IF's stage-1 input: centre-cropped to a square, resized to 64x64 (bicubic like IF's
+    training data; nearest for a mask, mode L). Returns it and the file's own size."""
     if os.path.isdir(path):
         raise UserError(f"{what} {path} is a folder; pass an image file (PNG or JPEG)")
     if not os.path.isfile(path):
@@ -501,7 +506,7 @@ def load_image_set(folder):
         sub = os.path.join(folder, name)
         files = sorted(f for f in os.listdir(sub) if not f.startswith(".")) if os.path.isdir(sub) else []
         for f in files:
-            images.append(to_tensor(open_image(os.path.join(sub, f), "image in --images")[0]))
+            images.append(to_tensor(open_square64(os.path.join(sub, f), "image in --images")[0]))
             names.append(name)
     if not images:
         raise UserError(f"--images {folder} holds no images; put them in one subfolder per prompt, e.g. "
@@ -512,7 +517,7 @@ def load_image_set(folder):
 def load_inputs(image_paths, mask_path):
     """The images to edit (N, 3, 64, 64) with their names, and the inpainting mask (1, 64, 64), 1 = new."""
     if image_paths:
-        opened = [open_image(path, "--image") for path in image_paths]
+        opened = [open_square64(path, "--image") for path in image_paths]
         images = [to_tensor(img) for img, _ in opened]
         names = [os.path.basename(p)[:18] for p in image_paths]
         size = opened[0][1]
@@ -520,7 +525,7 @@ def load_inputs(image_paths, mask_path):
         images, names = builtin_photos()
         size = (SIZE, SIZE)
     if mask_path:
-        mask, mask_size = open_image(mask_path, "--mask", "L")
+        mask, mask_size = open_square64(mask_path, "--mask", "L")
         if mask_size != size:
             raise UserError(f"--mask is {mask_size[0]}x{mask_size[1]} but the image is {size[0]}x{size[1]}; "
                             f"resize the mask to the image's size")
@@ -644,7 +649,7 @@ def parse_args(argv=None):
         "prompt (default: a built-in set of 15 drawings, 3 for each of 5 prompts)")
     add("--image", nargs="+", help="image(s) to edit; the first is used by forward, blur, onestep, iterative "
         "and inpaint (default: a built-in tower and a sketch)")
-    add("--mask", help="inpainting mask as big as the first --image, white = new (default: a top-centre box)")
+    add("--mask", help="inpainting mask as big as the first --image, white = regenerate (default: a top box)")
     add("--prompt", help="prompt of denoising, sampling, CFG, SDEdit and inpainting; '' is unconditional, "
         f"for which cfg uses --edit-prompt (default: {d['prompt']!r} on deepfloyd, '' on exact)")
     add("--edit-prompt", help="image-to-image prompt "
@@ -667,8 +672,9 @@ def main(argv=None):
     args = parse_args(argv)
     common.check_finite(args)
     common.check_seed(args)
-    for name, lo, hi in [("steps_stride", 1, 990), ("samples", 1, 64), ("cfg", 0, 100)]:
-        common.check_range(args, name, lo, hi)
+    common.check_range(args, "steps_stride", 1, 990)
+    common.check_range(args, "samples", 1, 64)
+    common.check_range(args, "cfg", 0, 100)
     device = common.get_device(args.device)
     backend = args.backend or ("deepfloyd" if device.type == "cuda" else "exact")
     if backend == "deepfloyd" and args.images:

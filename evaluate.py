@@ -148,7 +148,8 @@ def load_samples(path, dataset, unconditional):
     except Exception as e:
         raise common.UserError(f"{path} is not a readable .npz file ({e}); pass what --save-samples wrote")
     if "images" not in arrays:
-        raise common.UserError(f"{path} has no `images` array (it holds {sorted(arrays) or 'nothing'})")
+        raise common.UserError(f"{path} has no `images` array (it holds {sorted(arrays) or 'nothing'}); "
+                               f"pass the file --save-samples wrote")
     images = arrays["images"]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise common.UserError(f"{path} holds {images.dtype} images of shape {images.shape}; evaluation "
@@ -174,20 +175,29 @@ def load_samples(path, dataset, unconditional):
 
 
 # ------------------------------------------------------------------------------------------ RGB: FID
-class Images(torch.utils.data.Dataset):
-    """uint8 C x H x W tensors one at a time, the input torch-fidelity takes: a tensor's rows, or image files
-    decoded when asked for (a photo set need not fit in memory), centre-cropped square, resized to `size`."""
+class ArrayImages(torch.utils.data.Dataset):
+    """uint8 C x H x W tensors one at a time: the input torch-fidelity takes."""
 
-    def __init__(self, items, size=None):
-        self.items, self.size = items, size
+    def __init__(self, images):
+        self.images = images
 
     def __len__(self):
-        return len(self.items)
+        return len(self.images)
 
     def __getitem__(self, i):
-        if self.size is None:
-            return self.items[i]
-        with Image.open(self.items[i]) as img:
+        return self.images[i]
+
+
+class FolderImages(ArrayImages):
+    """Image files, decoded when asked for (a photo set need not fit in memory), centre-cropped square and
+    resized to the samples' H x W."""
+
+    def __init__(self, files, size):
+        self.images = files
+        self.size = size
+
+    def __getitem__(self, i):
+        with Image.open(self.images[i]) as img:
             img, side = img.convert("RGB"), min(img.size)
             left, top = (img.width - side) // 2, (img.height - side) // 2
             img = img.crop((left, top, left + side, top + side)).resize(self.size[::-1], Image.BICUBIC)
@@ -201,14 +211,14 @@ def inception_fid(images, dataset, data_dir, device, batch_size):
     except ImportError:
         raise common.UserError("RGB samples are scored (FID) by torch-fidelity: pip install torch-fidelity")
     if dataset == "cifar10":
-        reference = Images(common.load_dataset("cifar10", data_dir, train=True)[0])
+        reference = ArrayImages(common.load_dataset("cifar10", data_dir, train=True)[0])
     else:
         names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
         files = [os.path.join(data_dir, f) for f in names if f.lower().endswith(IMAGE_EXTS)]
         if not files:
             raise common.UserError(f"no images ({', '.join(IMAGE_EXTS)}) in {data_dir}; pass --data-dir DIR, "
                                    f"the folder of real images")
-        reference = Images(files, images.shape[2:])
+        reference = FolderImages(files, images.shape[2:])
     weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
     if not os.path.isfile(weights):  # torch-fidelity would download it too, but fail with a bare URLError
         try:
@@ -218,7 +228,7 @@ def inception_fid(images, dataset, data_dir, device, batch_size):
             raise common.UserError(f"torch-fidelity's Inception weights could not be downloaded ({e}); run "
                                    f"once with internet, or put {INCEPTION_URL} at {weights}")
     print(f"FID: Inception features of {len(images):,} samples and {len(reference):,} real images")
-    metrics = torch_fidelity.calculate_metrics(input1=Images(images), input2=reference, fid=True,
+    metrics = torch_fidelity.calculate_metrics(input1=ArrayImages(images), input2=reference, fid=True,
                                                cuda=device.type == "cuda", batch_size=batch_size,
                                                feature_extractor_weights_path=weights, verbose=False)
     return metrics["frechet_inception_distance"], len(reference)

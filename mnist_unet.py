@@ -150,9 +150,9 @@ def conv_block(c_in, c_out):
     return nn.Sequential(conv(c_in, c_out), conv(c_out, c_out))
 
 
-def resample_block(c_in, c_out, stride=1, up=False):
-    """DownBlock (stride=2) or UpBlock (up=True): a DownConv or UpConv, then a ConvBlock."""
-    return nn.Sequential(conv(c_in, c_out, stride, up), conv_block(c_out, c_out))
+def resample_block(c_in, c_out, up):
+    """CS180's DownBlock (a DownConv: half the size) or UpBlock (up=True: an UpConv), then a ConvBlock."""
+    return nn.Sequential(conv(c_in, c_out, stride=2, up=up), conv_block(c_out, c_out))
 
 
 def fc_block(f_in, f_out):
@@ -167,8 +167,8 @@ class UNet(nn.Module):
         super().__init__()
         self.cond = cond
         self.e0 = conv_block(1, D)                                          # 28x28
-        self.e1 = resample_block(D, D, stride=2)                            # 14x14
-        self.e2 = resample_block(D, 2 * D, stride=2)                        # 7x7
+        self.e1 = resample_block(D, D, up=False)                            # 14x14
+        self.e2 = resample_block(D, 2 * D, up=False)                        # 7x7
         self.flatten = nn.Sequential(nn.AvgPool2d(7), nn.GELU())            # 7 -> 1
         self.unflatten = nn.Sequential(nn.ConvTranspose2d(2 * D, 2 * D, 7, 7), nn.BatchNorm2d(2 * D),
                                        nn.GELU())                           # 1 -> 7

@@ -293,7 +293,9 @@ def test_cli_every_task_on_the_exact_backend(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "out")) == sorted(f"{t}.png" for t in de.TASKS)
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "precision: fp32 (the exact backend always computes in fp32)"
-    assert "denoising step" not in out  # the exact backend finishes in seconds: no progress lines
+    for task in de.TASKS:  # one line per task as its figure is written, in order
+        assert f"-> {tmp_path / 'out' / task}.png" in out
+    assert [line.split()[0] for line in out.splitlines()[2:]] == list(de.TASKS)
 
 
 def test_help_shows_every_default_once(capsys):
