@@ -238,11 +238,19 @@ class DeepFloydDenoiser:
 class Context(SimpleNamespace):
     """What every task needs, as keyword fields: the denoiser `model`, the schedule `abar` and `ts`, the
     `images` to edit and their `image_names` (the first, `image`, is the single-image tasks'), the inpainting
-    `mask` (1 = regenerate), the `backend`'s name and the settings, named as their flags."""
+    `mask` (1 = regenerate), the `backend` name, the `progress` line and the settings, named as the flags."""
 
     def __init__(self, **fields):
         super().__init__(**fields)
         self.image = self.images[:1]
+        self.steps_done = 0
+
+    def denoise(self, x_t, t, prompts):
+        # every task calls the denoiser through here, so that the progress line counts the calls
+        out = self.model(x_t, t, prompts)
+        self.steps_done += 1
+        self.progress.update(self.steps_done, len(x_t))
+        return out
 
     def gen(self):
         # each task restarts the noise from --seed, so a figure does not depend on the tasks run before it
@@ -250,7 +258,7 @@ class Context(SimpleNamespace):
 
     def estimate(self, prompt, w):
         """The noise estimate (x_t, t) -> (eps, v) of one prompt with guidance w."""
-        return lambda x_t, t: guided_eps(self.model, x_t, t, [prompt] * len(x_t), w)
+        return lambda x_t, t: guided_eps(self.denoise, x_t, t, [prompt] * len(x_t), w)
 
     def sample(self, estimate, n):
         """n images from pure noise at t = 990."""
@@ -323,9 +331,13 @@ def task_sample(c):
     c.save("sample", images, c.samples, f"sampling from pure noise at t=990, prompt {quoted(c.prompt)}, w=1")
 
 
+def cfg_scales(cfg):
+    return sorted({1.0, 7.0, cfg})
+
+
 def task_cfg(c):
     prompt = c.prompt or c.edit_prompt  # '' leaves nothing to guide towards
-    ws = sorted({1.0, 7.0, c.cfg})
+    ws = cfg_scales(c.cfg)
     rows = [c.sample(c.estimate(prompt, w), c.samples) for w in ws]
     c.save("cfg", torch.cat(rows), c.samples,
            f"classifier-free guidance: prompt {quoted(prompt)} against the empty prompt ''",
@@ -364,7 +376,7 @@ def task_anagram(c):
     p1, p2 = c.anagram
     rows = []
     for view, (fwd, _) in VIEWS.items():
-        x = c.sample(lambda x_t, t: anagram_eps(c.model, x_t, t, p1, p2, view, c.cfg), 1)
+        x = c.sample(lambda x_t, t: anagram_eps(c.denoise, x_t, t, p1, p2, view, c.cfg), 1)
         rows += [x, fwd(x)]
     c.save("anagram", torch.cat(rows), 2,
            f"visual anagrams, w={c.cfg:g}: {quoted(p1)} upright, {quoted(p2)} viewed",
@@ -373,7 +385,7 @@ def task_anagram(c):
 
 def task_hybrid(c):
     far, near = c.hybrid
-    x = c.sample(lambda x_t, t: hybrid_eps(c.model, x_t, t, far, near, c.cfg), 2)
+    x = c.sample(lambda x_t, t: hybrid_eps(c.denoise, x_t, t, far, near, c.cfg), 2)
     low = gaussian_blur(x)
     c.save("hybrid", torch.stack([x, low, x - low], 1).flatten(0, 1), 3,
            f"hybrid images, w={c.cfg:g}: {quoted(far)} from afar, {quoted(near)} up close",
@@ -383,6 +395,16 @@ def task_hybrid(c):
 TASKS = {"forward": task_forward, "blur": task_blur, "onestep": task_onestep, "iterative": task_iterative,
          "sample": task_sample, "cfg": task_cfg, "sdedit": task_sdedit, "inpaint": task_inpaint,
          "img2img": task_img2img, "anagram": task_anagram, "hybrid": task_hybrid}
+
+
+def task_steps(name, ts, cfg):
+    """How many times a task calls the denoiser: the unit of the progress line."""
+    n = len(ts) - 1
+    edit = sum(n - start_index(ts, t) for t in SDEDIT_TS)
+    steps = {"forward": 0, "blur": 0, "onestep": len(ONESTEP_TS),
+             "iterative": n - start_index(ts, ITERATIVE_T) + 1, "sample": n, "cfg": n * len(cfg_scales(cfg)),
+             "sdedit": edit, "inpaint": n, "img2img": edit, "anagram": n * len(VIEWS), "hybrid": n}
+    return steps[name]
 
 
 # ----------------------------------------------------------------------- images: built-in and files
@@ -715,9 +737,11 @@ def main(argv=None):
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
         model = load_deepfloyd(args.model_id, embeds, prompts, device, dtype, args.cpu_offload)
     ts = strided_timesteps(args.steps_stride)
+    total = sum(task_steps(name, ts, chosen["cfg"]) for name in tasks)
+    progress = common.Progress(total, prefix="denoising step", enabled=backend == "deepfloyd")
     ctx = Context(model=model, abar=abar.to(device), ts=ts, images=images.to(device), image_names=image_names,
                   mask=mask.to(device), samples=args.samples, threshold=args.threshold, seed=args.seed,
-                  out=args.out, backend=backend, **chosen)
+                  out=args.out, backend=backend, progress=progress, **chosen)
     print(f"backend {backend} on {device} | {len(ts) - 1} steps of stride {args.steps_stride} | "
           f"out {args.out}")
     for name in tasks:

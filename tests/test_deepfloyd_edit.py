@@ -66,7 +66,8 @@ def context(out, stride=30, **settings):
     values = dict(prompt="", edit_prompt="a rocket ship", anagram=["a smiley face", "a house"],
                   hybrid=["a smiley face", "a house"], cfg=1.0, samples=2, threshold=False, seed=189)
     return de.Context(model=EXACT, abar=ABAR, ts=de.strided_timesteps(stride), images=torch.stack(photos),
-                      image_names=names, mask=mask, out=str(out), backend="exact", **dict(values, **settings))
+                      image_names=names, mask=mask, out=str(out), backend="exact",
+                      progress=common.Progress(1, enabled=False), **dict(values, **settings))
 
 
 # ------------------------------------------------------------------------------ parity with diffusers
@@ -256,10 +257,11 @@ LAYOUT = {"forward": (1, 4, True), "blur": (2, 3, True), "onestep": (2, 5, True)
 
 
 @pytest.mark.parametrize("task", list(de.TASKS))
-def test_every_task_writes_a_titled_figure(task, tmp_path):
+def test_every_task_writes_a_titled_figure_and_counts_its_denoiser_calls(task, tmp_path):
     c = context(tmp_path, stride=66)
     with torch.no_grad():
         de.TASKS[task](c)
+    assert c.steps_done == de.task_steps(task, c.ts, c.cfg)  # the progress line's total is exact
     img = np.asarray(Image.open(tmp_path / f"{task}.png").convert("L"))
     rows, cols, col_labels = LAYOUT[task]
     top = 18 + (16 if col_labels else 0)  # common.grid_image: title line, then column labels
@@ -293,6 +295,7 @@ def test_cli_every_task_on_the_exact_backend(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path / "out")) == sorted(f"{t}.png" for t in de.TASKS)
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "precision: fp32 (the exact backend always computes in fp32)"
+    assert "denoising step" not in out  # the exact backend finishes in seconds: no progress lines
     for task in de.TASKS:  # one line per task as its figure is written, in order
         assert f"-> {tmp_path / 'out' / task}.png" in out
     assert [line.split()[0] for line in out.splitlines()[2:]] == list(de.TASKS)
@@ -359,8 +362,10 @@ def test_deepfloyd_backend_every_task_through_a_local_model(tiny_model, tmp_path
     before = (tiny_model / "embeds.pth").read_bytes()
     de.main([*map(str, deepfloyd_args(tiny_model, tmp_path / "out")), "--device", "cpu", "--cfg", "1"])
     assert sorted(os.listdir(tmp_path / "out")) == sorted(f"{t}.png" for t in de.TASKS)
+    total = sum(de.task_steps(t, [990, 495, 0], 1.0) for t in de.TASKS)
     out = capsys.readouterr().out
     assert out.splitlines()[0] == "precision: fp32"
+    assert f"denoising step {total}/{total} |" in out  # the progress line, ending on the exact total
     assert (tiny_model / "embeds.pth").read_bytes() == before
 
 
