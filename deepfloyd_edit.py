@@ -365,7 +365,8 @@ def task_img2img(c):
 def task_inpaint(c):
     m = c.mask[None]
     estimate = c.estimate(c.prompt, c.cfg)
-    out, _ = sdedit(estimate, c.image, 990, c.ts, c.abar, c.gen(), c.threshold, m)  # as the course does
+    # from t = 990 as the course does; only the pixels where m = 1 are regenerated
+    out, _ = sdedit(estimate, c.image, 990, c.ts, c.abar, c.gen(), c.threshold, m)
     panels = [c.image, (m * 2 - 1).expand(-1, 3, -1, -1), c.image * (1 - m), out]
     c.save("inpaint", torch.cat(panels), 4,
            f"inpainting (RePaint) from t=990, prompt {quoted(c.prompt)}, w={c.cfg:g}",
