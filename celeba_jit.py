@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import common
 
@@ -56,7 +55,6 @@ TRAINING_KEYS = ("dataset", "model", "res", "patch", "stride", "pred", "noise_sc
                  "lr", "warmup_epochs", "grad_clip", "ema", "ema_warmup", "label_dropout", "t_mu", "t_sigma",
                  "no_flip", "seed")
 FIGURES = ("loss.png", "samples.png", "sampling.gif")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 # ------------------------------------------------------------------------------------------ the method
@@ -462,26 +460,12 @@ def load_data(dataset, data_dir, res, out):
 def find_celeba(data_dir, must=True):
     for folder in (data_dir, os.path.join(data_dir, "img_align_celeba"),
                    os.path.join(data_dir, "celeba", "img_align_celeba")):
-        if os.path.isdir(folder) and any(f.lower().endswith(IMAGE_EXTS) for f in os.listdir(folder)):
+        if os.path.isdir(folder) and any(f.lower().endswith(common.IMAGE_EXTS) for f in os.listdir(folder)):
             return folder
     if must:
         raise common.UserError(f"no CelebA images in {data_dir}; unzip img_align_celeba.zip from "
                                f"https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html and pass its folder")
     return data_dir
-
-
-def load_image(path, res, crop):
-    """Centre square crop (CelebA: 178, the face in the 178x218 aligned images), resized: uint8 CHW RGB."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-        side = min(img.width, img.height, crop or img.width)
-        left = (img.width - side) // 2
-        top = (img.height - side) // 2
-        img = img.crop((left, top, left + side, top + side)).resize((res, res), Image.BICUBIC)
-    except Exception as e:  # any decoder failure, PIL's DecompressionBombError included
-        raise common.UserError(f"{path} is not a readable image ({type(e).__name__}: {e}); remove it")
-    return np.asarray(img).transpose(2, 0, 1)
 
 
 def load_folder(folder, res, crop, out_dir):
@@ -490,7 +474,8 @@ def load_folder(folder, res, crop, out_dir):
     if not os.path.isdir(folder):
         raise common.UserError(f"data folder {folder} does not exist; pass --data-dir DIR with your images")
     names = sorted(f for f in os.listdir(folder) if not f.startswith("."))
-    files = [f for f in names if f.lower().endswith(IMAGE_EXTS) and os.path.isfile(os.path.join(folder, f))]
+    files = [f for f in names
+             if f.lower().endswith(common.IMAGE_EXTS) and os.path.isfile(os.path.join(folder, f))]
     if not files:
         raise common.UserError(f"no images (.jpg/.png/...) in {folder}; pass --data-dir DIR with your images")
     stats = [os.stat(os.path.join(folder, f)) for f in files]  # a replaced image (size, time): a new cache
@@ -503,7 +488,7 @@ def load_folder(folder, res, crop, out_dir):
     def write(tmp):
         arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(files), 3, res, res))
         for i, f in enumerate(files):
-            arr[i] = load_image(os.path.join(folder, f), res, crop)
+            arr[i] = common.load_image(os.path.join(folder, f), (res, res), crop)
         arr.flush()
     if not os.path.isfile(cache):  # a cache that is there is whole: atomic_write renames it into place
         log(f"decoding {len(files)} images of {folder} at {res} px into {cache} (once)")

@@ -471,6 +471,25 @@ def read_cifar_batch(path):
 
 
 # ------------------------------------------------------------------------------------------ images
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # of a folder of images
+
+
+def load_image(path, size, crop=None):
+    """An image file as uint8 (3, H, W) RGB for size (H, W): its centre square (at most crop x crop: CelebA's
+    178 is the face of its 178x218 aligned images), resized bicubic. celeba_jit.py trains on what this gives
+    and evaluate.py scores against it, so that FID compares like with like."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+        side = min(img.width, img.height, crop or img.width)
+        left = (img.width - side) // 2
+        top = (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize(size[::-1], Image.BICUBIC)
+    except Exception as e:  # any decoder failure, PIL's DecompressionBombError included
+        raise UserError(f"{path} is not a readable image ({type(e).__name__}: {e}); remove it")
+    return np.asarray(img).transpose(2, 0, 1)
+
+
 def to_uint8(x):
     """[-1, 1] floats -> uint8 in [0, 255], the inverse of x / 127.5 - 1."""
     return ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()

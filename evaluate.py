@@ -26,7 +26,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
 import common
 
@@ -41,7 +40,6 @@ RECIPE = f"cnn 32-64-128 bn v1, adam {LR}, batch {BATCH}, {EPOCHS} epochs, seed 
 # torch-fidelity's Inception-v3 (TF graph 2015-12-05, converted), fetched here to explain an offline failure
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # celeba_jit.py's
 
 
 # ------------------------------------------------------------------------------------ Frechet distance
@@ -189,19 +187,15 @@ class ArrayImages(torch.utils.data.Dataset):
 
 
 class FolderImages(ArrayImages):
-    """Image files, decoded when asked for (a photo set need not fit in memory), centre-cropped square and
-    resized to the samples' H x W."""
+    """Image files, decoded when asked for (a photo set need not fit in memory) as celeba_jit.py trains on
+    them: centre-cropped square and resized to the samples' H x W."""
 
     def __init__(self, files, size):
         self.images = files
         self.size = size
 
     def __getitem__(self, i):
-        with Image.open(self.images[i]) as img:
-            img, side = img.convert("RGB"), min(img.size)
-            left, top = (img.width - side) // 2, (img.height - side) // 2
-            img = img.crop((left, top, left + side, top + side)).resize(self.size[::-1], Image.BICUBIC)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+        return torch.from_numpy(common.load_image(self.images[i], self.size).copy())
 
 
 def inception_fid(images, dataset, data_dir, device, batch_size):
@@ -214,10 +208,11 @@ def inception_fid(images, dataset, data_dir, device, batch_size):
         reference = ArrayImages(common.load_dataset("cifar10", data_dir, train=True)[0])
     else:
         names = sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
-        files = [os.path.join(data_dir, f) for f in names if f.lower().endswith(IMAGE_EXTS)]
+        files = [os.path.join(data_dir, f) for f in names if f.lower().endswith(common.IMAGE_EXTS)]
         if not files:
-            raise common.UserError(f"no images ({', '.join(IMAGE_EXTS)}) in {data_dir}; pass --data-dir DIR, "
-                                   f"the folder of real images")
+            extensions = ", ".join(common.IMAGE_EXTS)
+            raise common.UserError(f"no images ({extensions}) in {data_dir}; pass --data-dir DIR, the folder "
+                                   f"of real images")
         reference = FolderImages(files, images.shape[2:])
     weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
     if not os.path.isfile(weights):  # torch-fidelity would download it too, but fail with a bare URLError

@@ -348,13 +348,13 @@ def test_folder_loading_crops_resizes_and_caches(tmp_path, monkeypatch):
 
 def test_a_killed_cache_build_leaves_no_temp(tmp_path, monkeypatch):
     folder = make_image_folder(tmp_path / "imgs", n=6)
-    load = jit.load_image
+    load = common.load_image
 
-    def interrupted(path, res, crop):
+    def interrupted(path, size, crop):
         if path.endswith("0003.png"):
             raise KeyboardInterrupt  # Ctrl-C (or SIGTERM, which common.run turns into it) mid-build
-        return load(path, res, crop)
-    monkeypatch.setattr(jit, "load_image", interrupted)
+        return load(path, size, crop)
+    monkeypatch.setattr(common, "load_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
         jit.load_folder(folder, 8, None, str(tmp_path))
     assert not [f for f in os.listdir(folder) if "cache" in f]  # no cache: the next run decodes them all
