@@ -8,6 +8,7 @@ images - plots - checkpoints (atomic writes, checksums) and metrics.jsonl - prog
 """
 import argparse
 import hashlib
+import io
 import json
 import math
 import os
@@ -340,12 +341,15 @@ def rank0_first(load, rank, world):
 
 def all_rng_states():
     """Every rank's rng_state(), indexed by rank (call it on every rank), so that a resumed torchrun job
-    continues each rank's stream."""
+    continues each rank's stream. Sent as torch.save bytes: gathering the tensor dicts themselves made a rank
+    abort at exit now and then (two CPU processes under torchrun)."""
     if not (dist.is_available() and dist.is_initialized()):
         return [rng_state()]
+    buf = io.BytesIO()
+    torch.save(rng_state(), buf)
     states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, rng_state())
-    return states
+    dist.all_gather_object(states, buf.getvalue())
+    return [torch.load(io.BytesIO(s), weights_only=True) for s in states]
 
 
 def set_rank_rng_state(states, fresh_seed):
