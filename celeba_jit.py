@@ -54,7 +54,6 @@ QUICK = dict(model="mnist", epochs=8, batch_size=64, warmup_epochs=0.5, ema_warm
 TRAINING_KEYS = ("dataset", "model", "res", "patch", "stride", "pred", "noise_scale", "t_eps", "batch_size",
                  "lr", "warmup_epochs", "grad_clip", "ema", "ema_warmup", "label_dropout", "t_mu", "t_sigma",
                  "no_flip", "seed")
-FIGURES = ("loss.png", "samples.png", "sampling.gif")
 
 
 # ------------------------------------------------------------------------------------------ the method
@@ -333,7 +332,7 @@ def train_step(model, opt, scaler, x, y, loss_kwargs, grad_clip, precision):
 def train(args, device, precision):
     rank, world = common.rank_and_world()
     sampling = sampling_settings(args, len(common.CLASS_NAMES.get(args.dataset, [])), precision)
-    run = common.Run(SCRIPT, args, TRAINING_KEYS, outputs=FIGURES, log_every=20)  # a GPU sync every 20 steps
+    run = common.Run(SCRIPT, args, TRAINING_KEYS, log_every=20)  # a GPU sync every 20 steps
     images, labels = run.load(lambda: load_data(args.dataset, args.data_dir, args.res, args.out))
     if device.type == "cuda" and images.nbytes < torch.cuda.mem_get_info(device)[0] / 3:
         images = images.to(device)  # the whole uint8 set on the GPU when it fits in a third of its memory
@@ -346,9 +345,9 @@ def train(args, device, precision):
     if args.ema_warmup > args.epochs * steps_per_epoch:
         log(f"note: --ema-warmup {args.ema_warmup:g} is longer than the run: the EMA stays near the weights")
 
-    common.seed_everything(args.seed + rank)  # each rank its own noise, times and label drops
+    torch.manual_seed(args.seed + rank)  # each rank its own noise, times and label drops
     net = make_model(vars(args)).to(device)
-    model = common.wrap_ddp(net)
+    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net  # rank 0's weights to all
     ema = copy.deepcopy(net).requires_grad_(False).eval()  # after DDP's broadcast: all EMAs = rank 0's
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                             fused=device.type == "cuda")
@@ -381,8 +380,8 @@ def train(args, device, precision):
             run.log(loss, opt.param_groups[0]["lr"])
         run.save()
         if rank == 0:
-            run.plot_loss(os.path.join(args.out, "loss.png"), f"JiT-{args.model}, {args.pred}-pred, "
-                          f"{args.dataset}: v-loss per step", {"v-loss": run.losses})
+            common.plot_curves(os.path.join(args.out, "loss.png"), {"v-loss": run.losses},
+                               title=f"JiT-{args.model}, {args.pred}-pred, {args.dataset}: v-loss per step")
             save_figures(ema, vars(args), run.epoch, sampling, gif=run.epoch == args.epochs)
     if args.save_samples:
         write_samples(ema, args, sampling, args.dataset, args.data_dir)
@@ -481,7 +480,6 @@ def load_folder(folder, res, crop, out_dir):
     stats = [os.stat(os.path.join(folder, f)) for f in files]  # a replaced image (size, time): a new cache
     listing = repr([(f, s.st_size, s.st_mtime) for f, s in zip(files, stats)] + [res, crop])
     cache_dir = folder if os.access(folder, os.W_OK) else out_dir
-    common.remove_stale_temps(cache_dir)  # the temps of builds killed by SIGKILL
     key = hashlib.sha1(listing.encode()).hexdigest()[:12]
     cache = os.path.join(cache_dir, f".{SCRIPT}-cache-{res}px-{key}.npy")
 

@@ -39,7 +39,6 @@ QUICK = dict(channels=[32, 32, 64, 64], epochs=1, batch_size=64, lr=1e-3, warmup
 # the settings that define a training run: --resume refuses a checkpoint trained otherwise (--epochs may grow)
 TRAINING_KEYS = ("dataset", "channels", "batch_size", "lr", "warmup", "grad_clip", "label_dropout",
                  "ema_decay", "no_flip", "seed")
-FIGURES = ("loss.png", "classes.png", "guidance.png", "sampling.gif")
 
 
 # ------------------------------------------------------------------------------------------ method
@@ -220,7 +219,7 @@ def train_step(model, opt, scaler, x, y, label_dropout, grad_clip, precision):
 
 def train(args, device, precision, sampling):
     rank, world = common.rank_and_world()
-    run = common.Run(SCRIPT, args, TRAINING_KEYS, outputs=FIGURES)
+    run = common.Run(SCRIPT, args, TRAINING_KEYS)
     images, labels, shape = run.load(lambda: load_data(args.dataset, args.data_dir))
     images = images.to(device)  # the whole set on the device as uint8
     labels = labels.to(device)
@@ -230,10 +229,10 @@ def train(args, device, precision, sampling):
         print(f"note: --warmup {args.warmup} is longer than the run's {args.epochs * steps_per_epoch} steps, "
               f"so the learning rate never reaches --lr {args.lr:g}", flush=True)
 
-    common.seed_everything(args.seed + rank)  # each rank its own noise, times and label drops
+    torch.manual_seed(args.seed + rank)  # each rank its own noise, times and label drops
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     net = UNet(args.channels, shape[0]).to(device, memory_format=layout)
-    model = common.wrap_ddp(net)
+    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net  # rank 0's weights to all
     ema = copy.deepcopy(net).requires_grad_(False)  # after DDP's broadcast: all EMAs = rank 0's
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
@@ -263,7 +262,8 @@ def train(args, device, precision, sampling):
             run.log(loss, opt.param_groups[0]["lr"])
         run.save(image_shape=shape)
         if rank == 0:
-            run.plot_loss(os.path.join(args.out, "loss.png"), f"{TITLES[args.dataset]}: loss per step")
+            common.plot_curves(os.path.join(args.out, "loss.png"), {"loss": run.losses},
+                               title=f"{TITLES[args.dataset]}: loss per step")
             write_figures(sampler, args, args.dataset, shape, sampling)
     if args.save_samples:
         write_samples(sampler, args, args.dataset, shape, sampling)

@@ -1,10 +1,6 @@
 """The little code the four scripts and evaluate.py share; everything about a method lives in its script.
-
-The sections, in order: errors (one sentence and exit code 2 for bad input, one line for Ctrl-C) -
-flag checks - output folders (checked before any work, one training per --out) - device and seeds -
-precision - torchrun/DDP - data (MNIST, Fashion-MNIST, CIFAR-10, read without running pickled code) -
-images - plots - checkpoints (atomic writes, checksums) and metrics.jsonl - progress - the training run
-(class Run) - samples for scoring (the .npz evaluate.py reads) - benchmark and estimate.
+Its sections: errors, flag checks, output folders, device and seeds, precision, torchrun/DDP, data, images,
+plots, checkpoints and metrics.jsonl, progress, the training run (class Run), samples for scoring, benchmark.
 """
 import argparse
 import hashlib
@@ -14,7 +10,6 @@ import math
 import os
 import pickle
 import re
-import shutil
 import signal
 import sys
 import time
@@ -30,9 +25,6 @@ class UserError(Exception):
     """Bad input (missing data, wrong checkpoint, impossible flag): reported in one sentence, exit code 2."""
 
 
-LAST_CHECKPOINT = {"path": None}  # set by save_checkpoint, so that the Ctrl-C message can name it
-
-
 def _interrupt(signum, frame):
     # SIGTERM (a scheduler, `kill`) ends like Ctrl-C, so that `finally` blocks remove temp files
     raise KeyboardInterrupt
@@ -40,7 +32,7 @@ def _interrupt(signum, frame):
 
 def run(main):
     """Run a script's main(). A UserError prints its message and exits with code 2, without a traceback;
-    Ctrl-C or SIGTERM prints one line naming the last checkpoint and exits with 130."""
+    Ctrl-C or SIGTERM prints one line and exits with 130."""
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with it ignored (`cmd &`)
     try:
@@ -49,9 +41,7 @@ def run(main):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     except KeyboardInterrupt:
-        last = LAST_CHECKPOINT["path"]
-        hint = f"; the last checkpoint is {last}, continue with --resume {last}" if last else ""
-        print("interrupted" + hint, file=sys.stderr)
+        print("interrupted", file=sys.stderr)
         raise SystemExit(130)
     finally:
         if dist.is_available() and dist.is_initialized():
@@ -141,7 +131,7 @@ def check_run_flags(args):
 
 # --------------------------------------------------------------------------------- output folders
 def prepare_out(path):
-    """Create --out, check that it is writable before any work, and remove the temps killed runs left."""
+    """Create --out and check that it is writable, before any work."""
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test-{os.getpid()}")
@@ -150,7 +140,6 @@ def prepare_out(path):
     except OSError as e:
         raise UserError(f"cannot write to the output folder {path} ({e.strerror}); "
                         f"pass a writable folder with --out")
-    remove_stale_temps(path)
     return path
 
 
@@ -175,22 +164,6 @@ def check_output_file(path, flag, out=None):
     return path
 
 
-def check_fresh_run(checkpoint, resume, overwrite, script):
-    """A new run must not silently replace the checkpoint of an earlier one in the same --out."""
-    if os.path.exists(checkpoint) and not resume and not overwrite:
-        raise UserError(f"{checkpoint} already holds a checkpoint of {script}.py; pass --resume {checkpoint} "
-                        f"to continue it, --overwrite to start over, or another --out")
-
-
-def check_outputs(out, names):
-    """Before any work: each file a run will write into --out must not be a folder (or a link, a FIFO...)."""
-    for name in names:
-        path = os.path.join(out, name)
-        if os.path.lexists(path) and not os.path.isfile(path):
-            raise UserError(f"{path} exists and is not a file (a folder?), but this run writes it; "
-                            f"remove it or pass another --out")
-
-
 LOCKS = []  # lock_out's open files, kept for the life of the process: closing one releases its lock
 
 
@@ -199,7 +172,7 @@ def lock_out(folder):
     --out. The OS releases it when the process ends, even when it is killed."""
     import fcntl  # Unix only: imported here so that importing common works everywhere
     path = os.path.join(folder, ".lock")
-    try:  # O_NOFOLLOW: a .lock that is a link to another file is refused, not written through
+    try:  # O_NOFOLLOW: a .lock that is a link to another file is refused
         f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
     except OSError as e:
         raise UserError(f"cannot open the lock file {path} ({e.strerror}; a link or a folder?); "
@@ -207,18 +180,8 @@ def lock_out(folder):
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "unknown"
-        raise UserError(f"{folder} is in use by another training run (pid {holder}); wait for it, stop it, "
-                        f"or pass another --out")
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
-    except OSError as e:
-        raise UserError(f"cannot write the lock file {path} ({e.strerror}); free some space or pass another "
-                        f"--out")
+        raise UserError(f"{folder} is in use by another training run (`fuser {path}` names it); wait for it, "
+                        f"stop it, or pass another --out")
     LOCKS.append(f)
 
 
@@ -244,12 +207,9 @@ def get_device(name=None):
     return torch.device(name)
 
 
-def seed_everything(seed):
-    torch.manual_seed(seed)  # also seeds every CUDA device; nothing here draws from Python's or numpy's RNG
-
-
 def rng_state():
-    """The RNG states of the CPU and every CUDA device, so that --resume continues the streams."""
+    """The RNG states of the CPU and every CUDA device (the scripts draw from no other), so that --resume
+    continues the streams."""
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -352,16 +312,6 @@ def all_rng_states():
     return [torch.load(io.BytesIO(s), weights_only=True) for s in states]
 
 
-def set_rank_rng_state(states, fresh_seed):
-    """Restore this rank's entry of all_rng_states(). Saved by another number of processes, the streams
-    can't continue: each rank starts a fresh one from fresh_seed + rank."""
-    rank, world = rank_and_world()
-    if len(states) == world:
-        set_rng_state(states[rank])
-    else:
-        seed_everything(fresh_seed + rank)
-
-
 # -------------------------------------------------------------------------------------------- data
 # name -> (torchvision class, folder under --data-dir, training files, test files, what to put there offline)
 DATASETS = {
@@ -385,22 +335,15 @@ CLASS_NAMES = {
 
 def load_dataset(name, data_dir, train=True):
     """MNIST, Fashion-MNIST or CIFAR-10 as uint8 images (N, C, H, W) and int64 labels, read from the files
-    torchvision downloads (into data_dir when absent and the network allows; nothing is left on failure)."""
+    torchvision downloads (into data_dir when absent and the network allows)."""
     cls, sub, train_files, test_files, offline = DATASETS[name]
     where = os.path.join(data_dir, sub)
     files = [os.path.join(where, f) for f in (train_files if train else test_files)]
     if not all(os.path.isfile(f) for f in files):
-        # the outermost folder the download will create, noted first, so that a failed one removes all it made
-        missing, path = None, os.path.abspath(where)
-        while not os.path.exists(path):
-            missing = path
-            path = os.path.dirname(path)
         try:
             import torchvision
             getattr(torchvision.datasets, cls)(data_dir, train=train, download=True)
         except Exception as e:  # no network, disk full, server down: all end the same way for the user
-            if missing:
-                shutil.rmtree(missing, ignore_errors=True)
             reason = " ".join(str(e).split())  # torchvision's message spans lines: keep one
             layout = f"{where}/{{{','.join(train_files + test_files)}}}"
             raise UserError(f"{cls} is not in {os.path.abspath(data_dir)} and could not be downloaded "
@@ -500,11 +443,7 @@ def to_uint8(x):
 
 
 def font(size=13):
-    """A scalable font (Pillow >= 10.1); PIL's tiny bitmap font on older Pillow."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:
-        return ImageFont.load_default()
+    return ImageFont.load_default(size=size)  # a scalable font: Pillow >= 10.1
 
 
 def grid_image(images, nrow, scale=1, pad=2, row_labels=None, col_labels=None, title=None):
@@ -572,9 +511,9 @@ def log_ticks(e0, e1):
     return ticks
 
 
-def plot_curves(path, curves, title, marks=()):
-    """Loss curves {name: the loss of each step} on a log scale, drawn with PIL; marks: (step, label) pairs
-    drawn as dotted vertical lines (epochs). A long noisy curve is drawn faint, its moving average on top."""
+def plot_curves(path, curves, title):
+    """Loss curves {name: the loss of each step} on a log scale, drawn with PIL. A long noisy curve is drawn
+    faint, its moving average on top."""
     series = {}
     for name, losses in curves.items():
         points = [(x, y) for x, y in enumerate(losses, 1) if math.isfinite(y) and y > 0]
@@ -588,8 +527,6 @@ def plot_curves(path, curves, title, marks=()):
     draw.text((W // 2, 6), title, fill="black", font=font(15), anchor="mt")
     draw.text((6, T - 20), "loss (log scale)", fill="black", font=f)
     draw.text(((L + W - R) // 2, H - 6), "step", fill="black", font=f, anchor="mb")
-    if not series:
-        return save_image(img, path)
     xs = [x for points in series.values() for x, _ in points]
     ys = [math.log10(y) for points in series.values() for _, y in points]
     x0 = min(xs)
@@ -605,11 +542,6 @@ def plot_curves(path, curves, title, marks=()):
     for y in log_ticks(y0, y1):
         draw.line([L - 4, py(y), L, py(y)], fill="black")
         draw.text((L - 6, py(y)), f"{y:.3g}", fill="black", font=f, anchor="rm")
-    for x, label in marks:
-        if x0 <= x <= x1:
-            for y in range(T, H - B, 6):  # a dotted line
-                draw.line([px(x), y, px(x), y + 2], fill=(150, 150, 150))
-            draw.text((px(x) + 2, T + 2), label, fill=(120, 120, 120), font=font(11))
     colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14)]
     for k, (name, points) in enumerate(series.items()):
         colour = colours[k % len(colours)]
@@ -624,16 +556,12 @@ def plot_curves(path, curves, title, marks=()):
 
 
 # ------------------------------------------------------------------------------------- checkpoints
-# atomic_write's temps, and only them: .NAME.tmp-PID + NAME's own extension (np.savez and PIL need it)
-TEMP = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?P<ext>\.[^.]*)?")
-
-
 def atomic_write(path, write):
     """write(tmp) to a temp file beside `path`, synced, then renamed over `path` (the rename synced too): a
     crash, a kill or a power loss never leaves a half-written file. The temp is removed on every exit Python
-    controls (errors, a full disk, Ctrl-C, SIGTERM); prepare_out removes those a SIGKILL left."""
+    controls (errors, a full disk, Ctrl-C, SIGTERM)."""
     folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")  # np.savez needs .npz
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -651,29 +579,6 @@ def atomic_write(path, write):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def remove_stale_temps(folder):
-    """Remove the temps of atomic_write whose process no longer exists (killed during a write)."""
-    for name in os.listdir(folder):
-        match = TEMP.fullmatch(name)
-        if not match or (match["ext"] or "") != os.path.splitext(match["name"])[1]:
-            continue
-        if not pid_alive(int(match["pid"])):
-            try:
-                os.remove(os.path.join(folder, name))
-            except OSError:
-                pass
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # the process exists but belongs to another user
-        return True
-    return True
 
 
 def checksum(state):
@@ -709,7 +614,6 @@ def load_state(obj, state, what):
 def save_checkpoint(path, state):
     """Written atomically, with a checksum that load_checkpoint verifies."""
     atomic_write(path, lambda tmp: torch.save(dict(state, checksum=checksum(state)), tmp))
-    LAST_CHECKPOINT["path"] = path
 
 
 def load_checkpoint(path, script, config=None, must_match=()):
@@ -800,13 +704,6 @@ def rank_and_world():
     return 0, 1
 
 
-def wrap_ddp(model):
-    """DistributedDataParallel under torchrun (it broadcasts rank 0's weights to all ranks), or the model."""
-    if rank_and_world()[1] == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(model)
-
-
 class Run:
     """What a training loop needs around its method, written once for the three training scripts:
 
@@ -822,7 +719,7 @@ class Run:
     The checkpoint <out>/<name>.pt holds script, config (the flags), each restored object's state dict, epoch,
     step, every rank's RNG state, the loss of every step (averaged over ranks), and the `extra` of save()."""
 
-    def __init__(self, script, args, must_match, name="last", outputs=(), log_every=50, label=None):
+    def __init__(self, script, args, must_match, name="last", log_every=50, label=None):
         self.script = script
         self.config = vars(args)
         self.rank, self.world = rank_and_world()
@@ -831,8 +728,9 @@ class Run:
         self.log_every = log_every
         self.label = label  # shown in the progress line and written in metrics.jsonl (mnist's runs)
         self.ckpt = load_checkpoint(args.resume, script, self.config, must_match) if args.resume else None
-        check_fresh_run(self.path, args.resume, args.overwrite, script)
-        check_outputs(args.out, [f"{name}.pt", "metrics.jsonl", ".lock", *outputs])
+        if os.path.exists(self.path) and not args.resume and not args.overwrite:
+            raise UserError(f"{self.path} already holds a checkpoint of {script}.py; pass --resume "
+                            f"{self.path} to continue it, --overwrite to start over, or another --out")
         prepare_out(args.out)  # on every rank: a bad --out stops each of them, none waits for the others
         self.fresh = self.ckpt is None  # metrics.jsonl starts anew once load() holds the lock
         self.metrics_path = os.path.join(args.out, "metrics.jsonl")
@@ -871,8 +769,10 @@ class Run:
         self.epoch = self.ckpt["epoch"]
         self.step = self.ckpt["step"]
         self.losses = list(self.ckpt["losses"])
-        # saved by another number of processes, each rank starts a fresh stream
-        set_rank_rng_state(self.ckpt["rng"], self.config["seed"] + 1000 * self.step)
+        if len(self.ckpt["rng"]) == self.world:  # this rank's streams go on where they stopped
+            set_rng_state(self.ckpt["rng"][self.rank])
+        else:  # saved by another number of processes, the streams can't go on: each rank starts a fresh one
+            torch.manual_seed(self.config["seed"] + 1000 * self.step + self.rank)
 
     def epochs(self, epochs, steps_per_epoch, batch_size):
         """The indices of the epochs still to train (epochs done before each), with progress and timing."""
@@ -939,12 +839,6 @@ class Run:
             img_per_s = self.steps_per_epoch * self.batch_size / seconds
             self.write_metrics(loss=mean, img_per_s=round(img_per_s, 1), seconds=round(seconds, 2))
         self.epoch += 1
-
-    def plot_loss(self, path, title, curves=None):
-        """The loss of every step (or other curves), with a mark at every epoch (at most about ten)."""
-        every = max(1, self.epoch // 10)
-        marks = [(e * self.steps_per_epoch, f"epoch {e}") for e in range(every, self.epoch, every)]
-        plot_curves(path, curves or {"loss": self.losses}, title=title, marks=marks)
 
 
 # ---------------------------------------------------------------------------------- samples for scoring

@@ -4,7 +4,8 @@ Part A of UC Berkeley CS180 Project 5 ("Diffusion Models & Flow Matching") on st
 pixels): the forward process, blur, one-step and iterative denoising, sampling, classifier-free guidance,
 SDEdit, inpainting (RePaint), image-to-image, visual anagrams and hybrid images. Two denoisers answer the same
 call `model(x_t, t, prompts) -> (eps, v)` (v: IF's variance channels):
-  --backend deepfloyd  the real IF-I UNet through diffusers (gated weights); prompts are T5 embeddings.
+  --backend deepfloyd  the real IF-I UNet through diffusers (gated weights); prompts are T5 embeddings read
+                       from the course's prompt_embeds_dict.pth (--embeds).
   --backend exact      the closed-form optimal denoiser E[x0 | x_t] of a small labelled image set (offline).
 Time is IF's discrete DDPM time: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t = 999 noise, t = 0 data;
 divided by sqrt(abar) + sqrt(1 - abar) it is the project's flow-matching x_s = s x + (1 - s) eps at
@@ -17,7 +18,6 @@ gamma: eps = eps_u + w (eps_c - eps_u).
       --anagram "an oil painting of an old man" "an oil painting of people around a campfire"
 """
 import argparse
-import importlib.util
 import math
 import os
 import time
@@ -75,14 +75,6 @@ def x0_from_eps(x_t, eps, abar_t):
     return (x_t - (1 - abar_t).sqrt() * eps) / abar_t.sqrt()
 
 
-def dynamic_threshold(x0, ratio=0.95, max_value=1.5):
-    """Imagen's dynamic thresholding (IF's scheduler config): s = the 0.95 quantile of |x0| per image, clamped
-    to [1, 1.5]; x0 <- clamp(x0, -s, s) / s keeps strong guidance from pushing x0 out of [-1, 1]."""
-    s = torch.quantile(x0.flatten(1).abs().float(), ratio, dim=1).clamp(1, max_value).to(x0.dtype)
-    s = s[:, None, None, None]
-    return x0.clamp(-s, s) / s
-
-
 def learned_range_logvar(v, abar_t, abar_prev):
     """IF's learned variance of the step t -> t': log sigma^2 = frac log(beta) + (1 - frac) log(beta~),
     frac = (v + 1) / 2, beta = 1 - abar_t / abar_t', posterior beta~ = (1 - abar_t') / (1 - abar_t) beta."""
@@ -92,12 +84,10 @@ def learned_range_logvar(v, abar_t, abar_prev):
     return frac * beta.log() + (1 - frac) * posterior_var.log()
 
 
-def ddpm_step(x_t, eps, v, abar_t, abar_prev, z, threshold=False):
+def ddpm_step(x_t, eps, v, abar_t, abar_prev, z):
     """One strided DDPM step t -> t' (DDPM eq. 7 with alpha = abar_t / abar_t'): x_t' = sigma z +
     sqrt(abar_t') (1 - alpha) / (1 - abar_t) x0 + sqrt(alpha) (1 - abar_t') / (1 - abar_t) x_t."""
     x0 = x0_from_eps(x_t, eps, abar_t)
-    if threshold:
-        x0 = dynamic_threshold(x0)
     alpha = abar_t / abar_prev
     mean = (abar_prev.sqrt() * (1 - alpha) / (1 - abar_t) * x0
             + alpha.sqrt() * (1 - abar_prev) / (1 - abar_t) * x_t)
@@ -159,14 +149,14 @@ def randn(like, gen):
     return torch.randn(like.shape, generator=gen, device=like.device, dtype=like.dtype)
 
 
-def iterative_denoise(estimate, x_t, i_start, ts, abar, gen, threshold=False, x_orig=None, m=None):
+def iterative_denoise(estimate, x_t, i_start, ts, abar, gen, x_orig=None, m=None):
     """From x_t at ts[i_start] to ts[-1] = 0, one ddpm_step per pair (t, t'); estimate(x_t, t) -> (eps, v).
     Inpainting with a mask m: after each step RePaint keeps x_t' = m x_t' + (1 - m) add_noise(x_orig, t'),
     so only m = 1 is regenerated. Returns the final image and every intermediate x_t."""
     xs = [x_t]
     for t, t_prev in zip(ts[i_start:-1], ts[i_start + 1:]):
         eps, v = estimate(x_t, t)
-        x_t = ddpm_step(x_t, eps, v, abar[t], abar[t_prev], randn(x_t, gen), threshold)
+        x_t = ddpm_step(x_t, eps, v, abar[t], abar[t_prev], randn(x_t, gen))
         if m is not None:
             x_t = m * x_t + (1 - m) * add_noise(x_orig, abar[t_prev], randn(x_t, gen))
         xs.append(x_t)
@@ -175,12 +165,12 @@ def iterative_denoise(estimate, x_t, i_start, ts, abar, gen, threshold=False, x_
     return x_t, xs
 
 
-def sdedit(estimate, x_orig, t_start, ts, abar, gen, threshold=False, m=None):
+def sdedit(estimate, x_orig, t_start, ts, abar, gen, m=None):
     """SDEdit: noise the image to t_start with the forward process, then denoise it (with a mask m, only
     m = 1 is regenerated: inpainting). Returns what iterative_denoise does."""
     i = start_index(ts, t_start)
     x_t = add_noise(x_orig, abar[ts[i]], randn(x_orig, gen))
-    return iterative_denoise(estimate, x_t, i, ts, abar, gen, threshold, x_orig, m)
+    return iterative_denoise(estimate, x_t, i, ts, abar, gen, x_orig, m)
 
 
 # ---------------------------------------------------------------------------------------- denoisers
@@ -222,7 +212,7 @@ class DeepFloydDenoiser:
         for p, e in embeds.items():
             if not (isinstance(e, torch.Tensor) and tuple(e.shape) == (1, 77, dim)):
                 raise UserError(f"the embedding of {p!r} has shape {tuple(getattr(e, 'shape', ()))}, not "
-                                f"(1, 77, {dim}); delete it from the --embeds file so it is encoded again")
+                                f"(1, 77, {dim}); encode it again as docs/deepfloyd_edit.md shows")
         self.unet = unet
         self.dtype = dtype
         self.embeds = {p: e.to(device, dtype) for p, e in embeds.items()}
@@ -238,19 +228,11 @@ class DeepFloydDenoiser:
 class Context(SimpleNamespace):
     """What every task needs, as keyword fields: the denoiser `model`, the schedule `abar` and `ts`, the
     `images` to edit and their `image_names` (the first, `image`, is the single-image tasks'), the inpainting
-    `mask` (1 = regenerate), the `backend` name, the `progress` line and the settings, named as the flags."""
+    `mask` (1 = regenerate), the `backend` name and the settings, named as the flags."""
 
     def __init__(self, **fields):
         super().__init__(**fields)
         self.image = self.images[:1]
-        self.steps_done = 0
-
-    def denoise(self, x_t, t, prompts):
-        # every task calls the denoiser through here, so that the progress line counts the calls
-        out = self.model(x_t, t, prompts)
-        self.steps_done += 1
-        self.progress.update(self.steps_done, len(x_t))
-        return out
 
     def gen(self):
         # each task restarts the noise from --seed, so a figure does not depend on the tasks run before it
@@ -258,13 +240,13 @@ class Context(SimpleNamespace):
 
     def estimate(self, prompt, w):
         """The noise estimate (x_t, t) -> (eps, v) of one prompt with guidance w."""
-        return lambda x_t, t: guided_eps(self.denoise, x_t, t, [prompt] * len(x_t), w)
+        return lambda x_t, t: guided_eps(self.model, x_t, t, [prompt] * len(x_t), w)
 
     def sample(self, estimate, n):
         """n images from pure noise at t = 990."""
         g = self.gen()
         x_t = torch.randn(n, 3, SIZE, SIZE, generator=g, device=self.images.device)
-        return iterative_denoise(estimate, x_t, 0, self.ts, self.abar, g, self.threshold)[0]
+        return iterative_denoise(estimate, x_t, 0, self.ts, self.abar, g)[0]
 
     def noisy_image(self, ts):
         """The first image at each t of ts, with the same noise in every task that shows it."""
@@ -315,7 +297,7 @@ def task_iterative(c):
     """iterative.png, in denoising order: x_t every 5th step from t = 690, the clean result, then one-step
     denoising and a blur of the same start, and the original. Returns these panels and their labels."""
     i = start_index(c.ts, ITERATIVE_T)
-    clean, xs = sdedit(c.estimate(c.prompt, 1.0), c.image, ITERATIVE_T, c.ts, c.abar, c.gen(), c.threshold)
+    clean, xs = sdedit(c.estimate(c.prompt, 1.0), c.image, ITERATIVE_T, c.ts, c.abar, c.gen())
     x_t = xs[0]
     shown = range(0, len(xs) - 1, 5)
     panels = [xs[k] for k in shown] + [clean, c.one_step(x_t, [c.ts[i]]), gaussian_blur(x_t, 5, 2.0)]
@@ -347,7 +329,7 @@ def task_cfg(c):
 def sdedit_figure(c, name, what, prompt):
     estimate = c.estimate(prompt, c.cfg)
     g = c.gen()
-    cols = [sdedit(estimate, c.images, t, c.ts, c.abar, g, c.threshold)[0] for t in SDEDIT_TS] + [c.images]
+    cols = [sdedit(estimate, c.images, t, c.ts, c.abar, g)[0] for t in SDEDIT_TS] + [c.images]
     c.save(name, torch.stack(cols, 1).flatten(0, 1), len(cols),
            f"{what}: noised to t, then denoised with prompt {quoted(prompt)}, w={c.cfg:g}",
            row_labels=c.image_names,
@@ -366,7 +348,7 @@ def task_inpaint(c):
     m = c.mask[None]
     estimate = c.estimate(c.prompt, c.cfg)
     # from t = 990 as the course does; only the pixels where m = 1 are regenerated
-    out, _ = sdedit(estimate, c.image, 990, c.ts, c.abar, c.gen(), c.threshold, m)
+    out, _ = sdedit(estimate, c.image, 990, c.ts, c.abar, c.gen(), m)
     panels = [c.image, (m * 2 - 1).expand(-1, 3, -1, -1), c.image * (1 - m), out]
     c.save("inpaint", torch.cat(panels), 4,
            f"inpainting (RePaint) from t=990, prompt {quoted(c.prompt)}, w={c.cfg:g}",
@@ -377,7 +359,7 @@ def task_anagram(c):
     p1, p2 = c.anagram
     rows = []
     for view, (fwd, _) in VIEWS.items():
-        x = c.sample(lambda x_t, t: anagram_eps(c.denoise, x_t, t, p1, p2, view, c.cfg), 1)
+        x = c.sample(lambda x_t, t: anagram_eps(c.model, x_t, t, p1, p2, view, c.cfg), 1)
         rows += [x, fwd(x)]
     c.save("anagram", torch.cat(rows), 2,
            f"visual anagrams, w={c.cfg:g}: {quoted(p1)} upright, {quoted(p2)} viewed",
@@ -386,7 +368,7 @@ def task_anagram(c):
 
 def task_hybrid(c):
     far, near = c.hybrid
-    x = c.sample(lambda x_t, t: hybrid_eps(c.denoise, x_t, t, far, near, c.cfg), 2)
+    x = c.sample(lambda x_t, t: hybrid_eps(c.model, x_t, t, far, near, c.cfg), 2)
     low = gaussian_blur(x)
     c.save("hybrid", torch.stack([x, low, x - low], 1).flatten(0, 1), 3,
            f"hybrid images, w={c.cfg:g}: {quoted(far)} from afar, {quoted(near)} up close",
@@ -396,16 +378,6 @@ def task_hybrid(c):
 TASKS = {"forward": task_forward, "blur": task_blur, "onestep": task_onestep, "iterative": task_iterative,
          "sample": task_sample, "cfg": task_cfg, "sdedit": task_sdedit, "inpaint": task_inpaint,
          "img2img": task_img2img, "anagram": task_anagram, "hybrid": task_hybrid}
-
-
-def task_steps(name, ts, cfg):
-    """How many times a task calls the denoiser: the unit of the progress line."""
-    n = len(ts) - 1
-    edit = sum(n - start_index(ts, t) for t in SDEDIT_TS)
-    steps = {"forward": 0, "blur": 0, "onestep": len(ONESTEP_TS),
-             "iterative": n - start_index(ts, ITERATIVE_T) + 1, "sample": n, "cfg": n * len(cfg_scales(cfg)),
-             "sdedit": edit, "inpaint": n, "img2img": edit, "anagram": n * len(VIEWS), "hybrid": n}
-    return steps[name]
 
 
 # ----------------------------------------------------------------------- images: built-in and files
@@ -502,10 +474,8 @@ def builtin_photos():
 def open_square64(path, what, mode="RGB"):
     """An image file as IF's stage-1 input: centre-cropped to a square, resized to 64x64 (bicubic like IF's
     training data; nearest for a mask, mode L). Returns it and the file's own size."""
-    if os.path.isdir(path):
-        raise UserError(f"{what} {path} is a folder; pass an image file (PNG or JPEG)")
     if not os.path.isfile(path):
-        raise UserError(f"{what} {path} does not exist; pass the path of a PNG or JPEG file")
+        raise UserError(f"{what} {path} is not a file (a folder, or missing); pass a PNG or JPEG")
     try:
         with Image.open(path) as file:
             img = file.convert(mode)
@@ -516,25 +486,6 @@ def open_square64(path, what, mode="RGB"):
     top = (img.height - s) // 2
     resample = Image.BICUBIC if mode == "RGB" else Image.NEAREST
     return img.crop((left, top, left + s, top + s)).resize((SIZE, SIZE), resample), img.size
-
-
-def load_image_set(folder):
-    """--images DIR: one subfolder per prompt (the folder's name is the prompt), any number of images each."""
-    if not os.path.isdir(folder):
-        raise UserError(f"--images {folder} is not a folder; pass a folder with one subfolder of images per "
-                        f"prompt")
-    images = []
-    names = []
-    for name in sorted(os.listdir(folder)):
-        sub = os.path.join(folder, name)
-        files = sorted(f for f in os.listdir(sub) if not f.startswith(".")) if os.path.isdir(sub) else []
-        for f in files:
-            images.append(to_tensor(open_square64(os.path.join(sub, f), "image in --images")[0]))
-            names.append(name)
-    if not images:
-        raise UserError(f"--images {folder} holds no images; put them in one subfolder per prompt, e.g. "
-                        f"{folder}/a dog/1.png")
-    return torch.stack(images), names
 
 
 def load_inputs(image_paths, mask_path):
@@ -560,95 +511,47 @@ def load_inputs(image_paths, mask_path):
 
 
 # --------------------------------------------------------------------------- Hugging Face loading
-def load_error(what, model_id, error):
-    """One message for any failed load: the two usual causes, and the error itself for a broken local copy."""
-    text = " ".join(str(error).split())[:300]
-    return (f"cannot load {what} from {model_id} ({type(error).__name__}: {text}): the model is gated "
-            f"(accept its licence at huggingface.co/DeepFloyd/IF-I-XL-v1.0 and run `huggingface-cli login`) "
-            f"or there is no network; or pass --model-id a local copy")
-
-
-def from_pretrained(cls, model_id, subfolder, dtype):
-    """In fp16 or bf16, IF's *.fp16.* files (half the download), or the full files of a copy without them."""
-    if dtype != torch.float32:
-        try:
-            return cls.from_pretrained(model_id, subfolder=subfolder, torch_dtype=dtype, variant="fp16")
-        except Exception as e:
-            if "fp16" not in str(e):
-                raise
-    return cls.from_pretrained(model_id, subfolder=subfolder, torch_dtype=dtype)
-
-
-def place(module, device, cpu_offload):
-    """Move to the device, or with --cpu-offload keep the weights in RAM and stream each layer to the GPU."""
-    if not cpu_offload:
-        return module.to(device)
-    from accelerate import cpu_offload as offload
-    offload(module, execution_device=device)
-    return module
-
-
-def encode_prompts(prompts, model_id, device, dtype, cpu_offload=False):
-    """{prompt: (1, 77, 4096) fp16 embedding} from IF's T5 encoder, preprocessed as IF's pipeline does
-    (without caption cleaning): lower-case, strip, pad to 77 tokens. The encoder is freed afterwards."""
-    from transformers import T5EncoderModel, T5Tokenizer
-    tokenizer = T5Tokenizer.from_pretrained(model_id, subfolder="tokenizer")
-    encoder = place(from_pretrained(T5EncoderModel, model_id, "text_encoder", dtype), device, cpu_offload)
-    tokens = tokenizer([p.lower().strip() for p in prompts], padding="max_length", max_length=77,
-                       truncation=True, add_special_tokens=True, return_tensors="pt")
-    with torch.no_grad():
-        out = encoder(tokens.input_ids.to(device), attention_mask=tokens.attention_mask.to(device))[0]
-    del encoder
-    torch.cuda.empty_cache()  # the encoder's GPU memory, back before the UNet loads (no-op without CUDA)
-    return {p: out[i:i + 1].half().cpu() for i, p in enumerate(prompts)}
-
-
-def load_embeds(path, prompts, model_id, device, dtype, cpu_offload=False):
-    """The course's prompt_embeds_dict.pth, {prompt: (1, 77, 4096) tensor}. Prompts it lacks are encoded once
-    with IF's T5 and added to the file, so that the next run does not load the text encoder."""
-    if os.path.isdir(path):
-        raise UserError(f"--embeds {path} is a folder; pass the path of an embeddings file (.pth)")
-    embeds = {}
-    if os.path.exists(path):
-        try:
-            embeds = torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code
-        except Exception:
-            embeds = None
-        if not isinstance(embeds, dict):
-            raise UserError(f"--embeds {path} is not a readable embeddings file (a dict prompt -> "
-                            f"embedding); delete it to encode the prompts again")
-    missing = [p for p in dict.fromkeys(prompts) if p not in embeds]
-    if not missing:
-        return embeds
-    why = f"{len(missing)} prompt(s) ({', '.join(map(repr, missing))}) have no embedding in {path}"
+def load_embeds(path, prompts):
+    """The course's prompt_embeds_dict.pth, {prompt: (1, 77, 4096) tensor}, which must hold every prompt."""
+    how = "pass the course's prompt_embeds_dict.pth or make one as docs/deepfloyd_edit.md shows"
+    if not os.path.isfile(path):
+        raise UserError(f"--embeds {path} is not a file (a folder, or missing); {how}")
     try:
-        embeds.update(encode_prompts(missing, model_id, device, dtype, cpu_offload))
-    except ImportError:
-        raise UserError(f"{why}, and encoding them needs IF's T5 encoder: pip install transformers "
-                        f"sentencepiece, or add them to the file")
-    except Exception as e:
-        raise UserError(f"{why}; " + load_error("IF's T5 encoder", model_id, e))
-    common.atomic_write(path, lambda tmp: torch.save(embeds, tmp))
-    print(f"encoded {len(missing)} prompt(s) into {path}")
+        embeds = torch.load(path, map_location="cpu", weights_only=True)  # refuses pickled code
+    except Exception:
+        embeds = None
+    if not isinstance(embeds, dict):
+        raise UserError(f"--embeds {path} is not a readable file of embeddings (prompt -> tensor); {how}")
+    missing = [p for p in dict.fromkeys(prompts) if p not in embeds]
+    if missing:
+        raise UserError(f"{len(missing)} prompt(s) ({', '.join(map(repr, missing))}) have no embedding in "
+                        f"--embeds {path}; add their IF T5 embeddings to the file as docs/deepfloyd_edit.md "
+                        f"shows, or pick prompts it holds")
     return embeds
 
 
-def load_deepfloyd(model_id, embeds_path, prompts, device, dtype, cpu_offload=False):
+def load_deepfloyd(model_id, embeds_path, prompts, device, dtype):
     """IF stage 1's UNet from the hub or a local copy, with the T5 embedding of every prompt."""
     try:
         import diffusers
     except ImportError:
-        raise UserError("--backend deepfloyd needs diffusers: pip install diffusers transformers "
-                        "sentencepiece (or use --backend exact)")
-    embeds = load_embeds(embeds_path, prompts, model_id, device, dtype, cpu_offload)
+        raise UserError("--backend deepfloyd needs diffusers: pip install diffusers (or use --backend exact)")
+    embeds = load_embeds(embeds_path, prompts)
+    # in fp16 or bf16, IF's published *.fp16.* files: half the download of the full fp32 ones
+    variant = "fp16" if dtype != torch.float32 else None
     try:
-        unet = from_pretrained(diffusers.UNet2DConditionModel, model_id, "unet", dtype)
-    except Exception as e:
-        raise UserError(load_error("the IF stage-1 UNet", model_id, e))
+        unet = diffusers.UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype,
+                                                              variant=variant)
+    except Exception as e:  # one message: the two usual causes, and the error itself for a broken local copy
+        reason = " ".join(str(e).split())[:300]
+        raise UserError(f"cannot load the IF stage-1 UNet from {model_id} ({type(e).__name__}: {reason}): "
+                        f"the model is gated (accept its licence at huggingface.co/DeepFloyd/IF-I-XL-v1.0, "
+                        f"then `huggingface-cli login`) or there is no network; or pass --model-id a local "
+                        f"copy")
     if unet.config.out_channels != 6:
         raise UserError(f"{model_id} has a UNet with {unet.config.out_channels} output channels, not IF "
                         f"stage 1's 6 (eps and variance); pass --model-id DeepFloyd/IF-I-M-v1.0, -L- or -XL-")
-    unet = place(unet.eval(), device, cpu_offload)
+    unet = unet.eval().to(device)
     return DeepFloydDenoiser(unet, {p: embeds[p] for p in set(prompts)}, device, dtype)
 
 
@@ -664,12 +567,8 @@ def parse_args(argv=None):
     add("--precision", choices=common.PRECISIONS, default="auto", help="deepfloyd's weights and compute: "
         "auto is fp16 on CUDA (IF's published weights) and fp32 elsewhere; exact always computes in fp32")
     add("--model-id", default="DeepFloyd/IF-I-XL-v1.0", help="IF stage 1 on the Hub or a local copy")
-    add("--cpu-offload", action="store_true",
-        help="deepfloyd on CUDA: keep the weights in RAM, stream each layer to the GPU (needs accelerate)")
-    add("--embeds", help="deepfloyd's T5 prompt embeddings file, the course's format; missing prompts are "
-        "encoded and added (default: OUT/prompt_embeds_dict.pth)")
-    add("--images", help="exact backend: a folder with one subfolder of images per prompt, named as the "
-        "prompt (default: a built-in set of 15 drawings, 3 for each of 5 prompts)")
+    add("--embeds", default="prompt_embeds_dict.pth", help="deepfloyd's T5 prompt embeddings, the course's "
+        "file: a dict prompt -> (1, 77, 4096) tensor holding every prompt of the run")
     add("--image", nargs="+", help="image(s) to edit; the first is used by forward, blur, onestep, iterative "
         "and inpaint (default: a built-in tower and a sketch)")
     add("--mask", help="inpainting mask as big as the first --image, white = regenerate (default: a top box)")
@@ -685,7 +584,6 @@ def parse_args(argv=None):
         f"(default: {d['cfg']:g} on deepfloyd, 1 on exact)")
     add("--steps-stride", type=int, default=30, help="timestep stride: 990, 990-stride, ..., 0; 1 to 990")
     add("--samples", type=int, default=5, help="images per sampling figure, 1 to 64")
-    add("--threshold", action="store_true", help="the IF pipeline's dynamic thresholding of x0")
     add("--seed", type=int, default=189, help="random seed")
     add("--out", default=os.path.join("runs", "deepfloyd_edit"), help="output folder")
     return p.parse_args(argv)
@@ -700,15 +598,6 @@ def main(argv=None):
     common.check_range(args, "cfg", 0, 100)
     device = common.get_device(args.device)
     backend = args.backend or ("deepfloyd" if device.type == "cuda" else "exact")
-    if backend == "deepfloyd" and args.images:
-        raise UserError("--images is the exact backend's image set; drop it, or pass --backend exact")
-    if backend == "exact" and args.embeds:
-        raise UserError("--embeds holds T5 prompt embeddings for the deepfloyd backend; drop it, or pass "
-                        "--backend deepfloyd")
-    offload_ok = device.type == "cuda" and backend == "deepfloyd" and importlib.util.find_spec("accelerate")
-    if args.cpu_offload and not offload_ok:
-        raise UserError("--cpu-offload needs --backend deepfloyd, a CUDA GPU and accelerate "
-                        "(pip install accelerate); drop it otherwise")
     capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
     # auto is fp16 on CUDA as IF's published weights are; common refuses what the device cannot run
     flag = "fp16" if args.precision == "auto" and device.type == "cuda" else args.precision
@@ -717,32 +606,27 @@ def main(argv=None):
     abar = alphas_cumprod()
     defaults = DEEPFLOYD_DEFAULTS
     if backend == "exact":
-        set_images, set_names = load_image_set(args.images) if args.images else draw_builtin()
+        set_images, set_names = draw_builtin()
         model = ExactDenoiser(set_images.to(device), set_names, abar.to(device))
-        names = model.prompts
-        pair = [names[1 % len(names)], names[2 % len(names)]]
+        pair = model.prompts[1:3]
         # w = 1: the exact denoiser is already exactly conditional; w > 1 extrapolates past its images
-        defaults = dict(prompt="", cfg=1.0, edit_prompt=names[0], anagram=pair, hybrid=pair)
+        defaults = dict(prompt="", cfg=1.0, edit_prompt=model.prompts[0], anagram=pair, hybrid=pair)
     chosen = {key: getattr(args, key) if getattr(args, key) is not None else value
               for key, value in defaults.items()}
     prompts = ["", chosen["prompt"], chosen["edit_prompt"], *chosen["anagram"], *chosen["hybrid"]]
     if backend == "exact":
         model.check(prompts)
     tasks = list(TASKS) if args.task == "all" else [args.task]
-    common.check_outputs(args.out, [f"{name}.png" for name in tasks])
     common.prepare_out(args.out)
     note = " (the exact backend always computes in fp32)" if backend == "exact" else ""
     print(f"precision: {precision}{note}")
     if backend == "deepfloyd":
-        embeds = args.embeds or os.path.join(args.out, "prompt_embeds_dict.pth")
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-        model = load_deepfloyd(args.model_id, embeds, prompts, device, dtype, args.cpu_offload)
+        model = load_deepfloyd(args.model_id, args.embeds, prompts, device, dtype)
     ts = strided_timesteps(args.steps_stride)
-    total = sum(task_steps(name, ts, chosen["cfg"]) for name in tasks)
-    progress = common.Progress(total, prefix="denoising step", enabled=backend == "deepfloyd")
     ctx = Context(model=model, abar=abar.to(device), ts=ts, images=images.to(device), image_names=image_names,
-                  mask=mask.to(device), samples=args.samples, threshold=args.threshold, seed=args.seed,
-                  out=args.out, backend=backend, progress=progress, **chosen)
+                  mask=mask.to(device), samples=args.samples, seed=args.seed, out=args.out, backend=backend,
+                  **chosen)
     print(f"backend {backend} on {device} | {len(ts) - 1} steps of stride {args.steps_stride} | "
           f"out {args.out}")
     for name in tasks:

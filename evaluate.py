@@ -5,13 +5,11 @@ mnist, fashion (28x28 grey): a small CNN classifier, trained once on the trainin
   class accuracy  how often the classifier names the class each sample was drawn for, overall and per class
   FD              the Frechet distance of its 128 penultimate features, samples vs the real test split: FID
                   with this classifier for Inception, comparable within this project, not with published FIDs
-  floor           the same for N real *training* images (a seeded subset): what a perfect generator scores
-                  with N samples, so FD / floor near 1 is as good as it gets. The classifier was trained on
-                  these images and may see them a little differently from new ones: the floor is approximate
-  Both fall as N grows (FD is biased upward at small N): compare FDs (and FIDs) only at equal N.
-cifar10, folder (RGB): the standard FID by torch-fidelity (pip install torch-fidelity), reproducing TF's FID:
-  every sample (FID-50K: save 50,000) against every real training image (folder: each in --data-dir, cropped
-  and resized to the samples' size as celeba_jit.py does), as uint8: torch-fidelity resizes to 299 as TF does.
+  floor           the same for N real training images: FD / floor near 1 is as good as it gets. The
+                  classifier was trained on these images, so the floor is approximate. FD falls as N grows:
+                  compare FDs only at equal N.
+cifar10, folder (RGB): the standard FID by torch-fidelity (pip install torch-fidelity): every sample against
+  every real training image (a folder's cropped and resized as celeba_jit.py trains on them), as uint8.
 
   python evaluate.py cfg.npz --dataset mnist --data-dir data --metrics runs/evaluate/metrics.jsonl
   python evaluate.py fid50k.npz --dataset cifar10 --data-dir data --device cuda
@@ -37,9 +35,6 @@ NUM_CLASSES = 10
 # minutes on 2 idle cores). Its numbers name the cache: changing one (or RECIPE) trains a new classifier.
 EPOCHS, BATCH, LR, CLASSIFIER_SEED = 3, 128, 1e-3, 0
 RECIPE = f"cnn 32-64-128 bn v1, adam {LR}, batch {BATCH}, {EPOCHS} epochs, seed {CLASSIFIER_SEED}"
-# torch-fidelity's Inception-v3 (TF graph 2015-12-05, converted), fetched here to explain an offline failure
-INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                 "weights-inception-2015-12-05-6726825d.pth")
 
 
 # ------------------------------------------------------------------------------------ Frechet distance
@@ -214,18 +209,15 @@ def inception_fid(images, dataset, data_dir, device, batch_size):
             raise common.UserError(f"no images ({extensions}) in {data_dir}; pass --data-dir DIR, the folder "
                                    f"of real images")
         reference = FolderImages(files, images.shape[2:])
-    weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(INCEPTION_URL))
-    if not os.path.isfile(weights):  # torch-fidelity would download it too, but fail with a bare URLError
-        try:
-            os.makedirs(os.path.dirname(weights), exist_ok=True)
-            torch.hub.download_url_to_file(INCEPTION_URL, weights, progress=False)
-        except Exception as e:
-            raise common.UserError(f"torch-fidelity's Inception weights could not be downloaded ({e}); run "
-                                   f"once with internet, or put {INCEPTION_URL} at {weights}")
     print(f"FID: Inception features of {len(images):,} samples and {len(reference):,} real images")
-    metrics = torch_fidelity.calculate_metrics(input1=ArrayImages(images), input2=reference, fid=True,
-                                               cuda=device.type == "cuda", batch_size=batch_size,
-                                               feature_extractor_weights_path=weights, verbose=False)
+    try:
+        metrics = torch_fidelity.calculate_metrics(input1=ArrayImages(images), input2=reference, fid=True,
+                                                   cuda=device.type == "cuda", batch_size=batch_size,
+                                                   verbose=False)
+    except OSError as e:  # a URLError: torch-fidelity downloads its Inception weights on first use
+        folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise common.UserError(f"torch-fidelity could not fetch its Inception weights ({e}); run once with "
+                               f"internet, or put weights-inception-2015-12-05-6726825d.pth in {folder}")
     return metrics["frechet_inception_distance"], len(reference)
 
 

@@ -67,8 +67,6 @@ NUM_CLASSES = 10
 NULL = NUM_CLASSES                              # the dropped class: its one-hot is all zeros
 TRAINING_KEYS = ("dataset", "quick", "hidden", "batch_size", "lr", "seed")  # what --resume must match
 LOG_EVERY = 50                                  # steps per metrics.jsonl line (and non-finite loss check)
-FIGURES = ("loss.png", "noising.png", "ood.png", "samples.png", "path.png", "velocity.png", "trajectory.png",
-           "trajectory.gif", "guidance.png")  # each run's, after its name
 SAMPLE_CHUNK = 250                              # --save-samples images per batch (memory, progress)
 TITLES = {"mnist": "MNIST", "fashion": "Fashion-MNIST"}
 
@@ -241,7 +239,7 @@ def train_step(run, model, opt, scaler, x, y, precision):
 def train_run(run, name, s, data, job):
     """Train one run, then draw its figures; returns the model. A finished run (resumed) is skipped."""
     x_train, y_train, x_test = data
-    common.seed_everything(job["seed"])  # per run, so `--part cfg` trains the same cfg model as `--part all`
+    torch.manual_seed(job["seed"])  # per run, so `--part cfg` trains the same cfg model as `--part all`
     model = make_model(RUNS[name]["cond"], s["hidden"], job["device"], job["compile"])
     opt, sched = make_optimizer(RUNS[name], model, s["lr"], s["epochs"])
     scaler = common.grad_scaler(job["device"], job["precision"])
@@ -348,7 +346,7 @@ def final_figures(run, name, model, x_train, x_test, job):
     if spec["ablation"] and os.path.isfile(cfg):  # the ablation's curve beside the run it ablates
         curves = {"cfg_nosched (AdamW, lr/10, constant)": run.losses,
                   "cfg (Adam, ExponentialLR)": common.load_checkpoint(cfg, SCRIPT)["losses"]}
-    run.plot_loss(f("loss.png"), f"{name}: training loss (MSE), {data}", curves)
+    common.plot_curves(f("loss.png"), curves, title=f"{name}: training loss (MSE), {data}")
     if spec["loss"] == "denoise":  # a column per sigma; a row per image (noising), or noisy/denoised pairs
         x = normalise(x_test[:4])
         S = len(SIGMAS)
@@ -454,7 +452,6 @@ def main(argv=None):
         if cond == "none":
             raise common.UserError(f"{args.sample} holds the {config['run']} denoiser, which cannot sample; "
                                    "pass an fm or cfg checkpoint")
-        common.check_outputs(args.out, ["samples.npz", "samples.png"])
         out = common.prepare_out(args.out)
         w = args.cfg if args.cfg is not None else (QUICK_CFG_W if config["quick"] else CFG_W)
         path = args.save_samples or os.path.join(out, "samples.npz")
@@ -491,16 +488,10 @@ def main(argv=None):
         run_args = dict(vars(args), part=part)  # the checkpoint's config: a later --resume reads its part
         if ckpt and name != ckpt["run"]:  # the runs after the resumed one train afresh, replacing their files
             run_args.update(resume=None, overwrite=True)
-        epochs = range(1, plans[name]["epochs"] + 1)
-        outputs = [f"{name}_{figure}" for figure in FIGURES] + [f"{name}_epoch{e}.png" for e in epochs]
         runs[name] = common.Run(SCRIPT, argparse.Namespace(**run_args), TRAINING_KEYS, name=name, label=name,
-                                outputs=outputs, log_every=LOG_EVERY)
+                                log_every=LOG_EVERY)
     data = runs[names[0]].load(lambda: load_data(args.dataset, args.data_dir, args.quick, device))
     n_train = len(data[0])
-    biggest = max(plans[name]["batch_size"] for name in names)
-    if biggest > n_train:
-        raise common.UserError(f"{args.data_dir} holds {n_train} {TITLES[args.dataset]} training images, "
-                               f"fewer than the batch size {biggest}; pass a smaller --batch-size")
     print(f"device {device}; {n_train} {TITLES[args.dataset]} training images; runs: {', '.join(names)}")
     if device.type == "cpu" and not args.quick and not args.resume:  # the GPU recipe: how long it takes here
         print("timing 2 steps of each run to estimate the run time on this CPU...", flush=True)

@@ -269,12 +269,10 @@ def test_label_dropout_lives_in_the_loss():
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_celeba_folder_end_to_end(tmp_path):
-    """CelebA layout DATA/img_align_celeba (plus a non-image and a killed build's temp), training, figures,
-    metrics, cache; then --sample to an .npz."""
+    """CelebA layout DATA/img_align_celeba (plus a non-image), training, figures, metrics, cache; then
+    --sample to an .npz."""
     folder = make_image_folder(tmp_path / "data" / "img_align_celeba", n=10)
     (tmp_path / "data" / "img_align_celeba" / "list_attr.txt").write_text("not an image")
-    stale = tmp_path / "data" / "img_align_celeba" / "..celeba_jit-cache-16px-0123.npy.tmp-4999999.npy"
-    stale.write_bytes(b"half a cache")  # pid 4999999 does not exist: a build killed by SIGKILL
     out = tmp_path / "run"
     r = run_script("celeba_jit.py", "--dataset", "celeba", "--data-dir", tmp_path / "data", "--res", 16,
                    "--epochs", 2, "--batch-size", 4, "--out", out, *TINY)
@@ -286,7 +284,6 @@ def test_cli_celeba_folder_end_to_end(tmp_path):
     caches = [f for f in os.listdir(folder) if f.startswith(".celeba_jit-cache-16px")]
     cache = np.load(os.path.join(folder, caches[0]))
     assert len(caches) == 1 and cache.shape == (10, 3, 16, 16) and cache.dtype == np.uint8
-    assert not stale.exists()
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["step"] == 4 and ckpt["epoch"] == 2 and len(ckpt["losses"]) == 4
     assert ckpt["config"]["dataset"] == "celeba" and ckpt["checksum"]
@@ -688,9 +685,7 @@ def test_a_fresh_run_never_replaces_a_checkpoint_and_a_locked_out_is_refused(tmp
     assert ckpt.read_bytes() == before
     with open(tmp_path / "run" / ".lock", "w") as holder:  # another training holds the folder
         fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        holder.write("4242")
-        holder.flush()
-        assert "in use by another training run (pid 4242)" in refusal(capsys, *again, "--overwrite")
+        assert "in use by another training run (`fuser" in refusal(capsys, *again, "--overwrite")
     run_main(*again, "--overwrite", "--seed", 1)
     assert ckpt.read_bytes() != before
 
@@ -720,9 +715,7 @@ def test_ctrl_c_during_training_is_one_line_and_leaves_no_temp(tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
-    last = out / "last.pt"
-    assert stderr.strip().splitlines() == [f"interrupted; the last checkpoint is {last}, continue with "
-                                           f"--resume {last}"]
+    assert stderr.strip().splitlines() == ["interrupted"]
     assert not [f for f in os.listdir(out) if ".tmp-" in f]
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] >= 1
 

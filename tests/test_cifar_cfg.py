@@ -496,8 +496,7 @@ def test_interrupt_exits_130_in_one_line_and_leaves_no_temp(trained, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-3000:]
-    assert stderr.strip().splitlines() == [f"interrupted; the last checkpoint is {tmp_path / 'last.pt'}, "
-                                           f"continue with --resume {tmp_path / 'last.pt'}"]
+    assert stderr.strip().splitlines() == ["interrupted"]
     assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]
     assert common.load_checkpoint(str(tmp_path / "last.pt"), "cifar_cfg")["epoch"] >= 1
 
@@ -603,7 +602,7 @@ def bad_cases():
         ("fresh-run-into-a-run", lambda root, out, tmp: ["--data-dir", root / "data", "--out", out, *TINY,
                                                           "--epochs", "1"],
          ["already holds a checkpoint", "--overwrite"]),
-        ("out-locked-by-another-run", locked, ["in use by another training run", f"pid {os.getpid()}"]),
+        ("out-locked-by-another-run", locked, ["in use by another training run", "`fuser", "/.lock` names it"]),
         ("loss-turns-nan", flag("--lr", "1e30", "--warmup", "0", "--epochs", "3"),
          ["loss became nan", "--lr", "--precision fp32"]),
     ]
