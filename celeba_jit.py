@@ -347,7 +347,7 @@ def train(args, device, precision):
 
     torch.manual_seed(args.seed + rank)  # each rank its own noise, times and label drops
     net = make_model(vars(args)).to(device)
-    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net  # rank 0's weights to all
+    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net  # broadcasts rank 0's weights
     ema = copy.deepcopy(net).requires_grad_(False).eval()  # after DDP's broadcast: all EMAs = rank 0's
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0,
                             fused=device.type == "cuda")

@@ -232,7 +232,7 @@ def train(args, device, precision, sampling):
     torch.manual_seed(args.seed + rank)  # each rank its own noise, times and label drops
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     net = UNet(args.channels, shape[0]).to(device, memory_format=layout)
-    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net  # rank 0's weights to all
+    model = nn.parallel.DistributedDataParallel(net) if world > 1 else net  # broadcasts rank 0's weights
     ema = copy.deepcopy(net).requires_grad_(False)  # after DDP's broadcast: all EMAs = rank 0's
     opt = torch.optim.AdamW(net.parameters(), lr=args.lr, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))

@@ -1,5 +1,6 @@
 """The little code the four scripts and evaluate.py share; everything about a method lives in its script.
-Its sections: errors, flag checks, output folders, device and seeds, precision, torchrun/DDP, data, images,
+
+Sections: errors, flag checks, output folders, device and seeds, precision, torchrun/DDP, data, images,
 plots, checkpoints and metrics.jsonl, progress, the training run (class Run), samples for scoring, benchmark.
 """
 import argparse
@@ -512,8 +513,8 @@ def log_ticks(e0, e1):
 
 
 def plot_curves(path, curves, title):
-    """Loss curves {name: the loss of each step} on a log scale, drawn with PIL. A long noisy curve is drawn
-    faint, its moving average on top."""
+    """Loss curves {name: the loss of each step, at least one finite and positive} on a log scale, drawn with
+    PIL. A long noisy curve is drawn faint, its moving average on top."""
     series = {}
     for name, losses in curves.items():
         points = [(x, y) for x, y in enumerate(losses, 1) if math.isfinite(y) and y > 0]
@@ -557,11 +558,11 @@ def plot_curves(path, curves, title):
 
 # ------------------------------------------------------------------------------------- checkpoints
 def atomic_write(path, write):
-    """write(tmp) to a temp file beside `path`, synced, then renamed over `path` (the rename synced too): a
-    crash, a kill or a power loss never leaves a half-written file. The temp is removed on every exit Python
-    controls (errors, a full disk, Ctrl-C, SIGTERM)."""
+    """write(tmp) to a hidden temp .NAME.tmp-PID.EXT beside `path` (np.savez and PIL go by EXT), synced, then
+    renamed over `path`, the rename synced too: a crash, a kill or a power loss never leaves a half-written
+    file. The temp is removed on every exit Python controls (errors, a full disk, Ctrl-C, SIGTERM)."""
     folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")  # np.savez needs .npz
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -574,8 +575,8 @@ def atomic_write(path, write):
             os.close(fd)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         reason = getattr(e, "strerror", None) or e
-        raise UserError(f"could not write {path} ({reason}); the previous file is kept; "
-                        f"free some space or pass another --out")
+        raise UserError(f"could not write {path} ({reason}); the previous file is kept; free some space, "
+                        f"remove what is in its place, or pass another --out")
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -313,13 +313,9 @@ def task_sample(c):
     c.save("sample", images, c.samples, f"sampling from pure noise at t=990, prompt {quoted(c.prompt)}, w=1")
 
 
-def cfg_scales(cfg):
-    return sorted({1.0, 7.0, cfg})
-
-
 def task_cfg(c):
     prompt = c.prompt or c.edit_prompt  # '' leaves nothing to guide towards
-    ws = cfg_scales(c.cfg)
+    ws = sorted({1.0, 7.0, c.cfg})
     rows = [c.sample(c.estimate(prompt, w), c.samples) for w in ws]
     c.save("cfg", torch.cat(rows), c.samples,
            f"classifier-free guidance: prompt {quoted(prompt)} against the empty prompt ''",
@@ -525,8 +521,8 @@ def load_embeds(path, prompts):
     missing = [p for p in dict.fromkeys(prompts) if p not in embeds]
     if missing:
         raise UserError(f"{len(missing)} prompt(s) ({', '.join(map(repr, missing))}) have no embedding in "
-                        f"--embeds {path}; add their IF T5 embeddings to the file as docs/deepfloyd_edit.md "
-                        f"shows, or pick prompts it holds")
+                        f"--embeds {path} (every task's prompts are needed, defaults included); add them as "
+                        f"docs/deepfloyd_edit.md shows, or pass prompts it holds")
     return embeds
 
 
@@ -547,7 +543,7 @@ def load_deepfloyd(model_id, embeds_path, prompts, device, dtype):
         raise UserError(f"cannot load the IF stage-1 UNet from {model_id} ({type(e).__name__}: {reason}): "
                         f"the model is gated (accept its licence at huggingface.co/DeepFloyd/IF-I-XL-v1.0, "
                         f"then `huggingface-cli login`) or there is no network; or pass --model-id a local "
-                        f"copy")
+                        f"copy (in fp16 or bf16 it needs IF's *.fp16.* files; else pass --precision fp32)")
     if unet.config.out_channels != 6:
         raise UserError(f"{model_id} has a UNet with {unet.config.out_channels} output channels, not IF "
                         f"stage 1's 6 (eps and variance); pass --model-id DeepFloyd/IF-I-M-v1.0, -L- or -XL-")

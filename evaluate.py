@@ -7,7 +7,7 @@ mnist, fashion (28x28 grey): a small CNN classifier, trained once on the trainin
                   with this classifier for Inception, comparable within this project, not with published FIDs
   floor           the same for N real training images: FD / floor near 1 is as good as it gets. The
                   classifier was trained on these images, so the floor is approximate. FD falls as N grows:
-                  compare FDs only at equal N.
+                  compare FDs and FIDs only at equal N.
 cifar10, folder (RGB): the standard FID by torch-fidelity (pip install torch-fidelity): every sample against
   every real training image (a folder's cropped and resized as celeba_jit.py trains on them), as uint8.
 
@@ -214,10 +214,11 @@ def inception_fid(images, dataset, data_dir, device, batch_size):
         metrics = torch_fidelity.calculate_metrics(input1=ArrayImages(images), input2=reference, fid=True,
                                                    cuda=device.type == "cuda", batch_size=batch_size,
                                                    verbose=False)
-    except OSError as e:  # a URLError: torch-fidelity downloads its Inception weights on first use
+    except OSError as e:  # usually a URLError: torch-fidelity downloads its Inception weights on first use
         folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-        raise common.UserError(f"torch-fidelity could not fetch its Inception weights ({e}); run once with "
-                               f"internet, or put weights-inception-2015-12-05-6726825d.pth in {folder}")
+        raise common.UserError(f"torch-fidelity failed ({e}); if it could not fetch its Inception weights, "
+                               f"run once with internet or put weights-inception-2015-12-05-6726825d.pth "
+                               f"in {folder}")
     return metrics["frechet_inception_distance"], len(reference)
 
 
@@ -298,12 +299,10 @@ def main(argv=None):
         common.check_output_file(args.metrics, "--metrics")  # refuses a FIFO: the read below never hangs
     if args.metrics and os.path.isfile(args.metrics):
         with open(args.metrics, "rb") as f:
-            text = f.read(1) in (b"", b"{")  # every line append_json writes is a JSON object
-        same = os.path.exists(args.samples) and os.path.samefile(args.metrics, args.samples)
-        if same or not text:
-            what = "is the samples file" if same else "exists and is not a JSON-lines file"
-            raise common.UserError(f"--metrics {args.metrics} {what}; appending a line would corrupt it: "
-                                   f"pass a new path or a .jsonl file")
+            first = f.read(1)
+        if first not in (b"", b"{"):  # every line append_json writes is a JSON object; an .npz starts "PK"
+            raise common.UserError(f"--metrics {args.metrics} exists and is not a JSON-lines file; appending "
+                                   f"a line would corrupt it: pass a new path or a .jsonl file")
     result = evaluate(args.samples, args.dataset, args.data_dir, args.cache_dir, args.device, args.seed,
                       args.batch_size, args.unconditional)
     if args.metrics:

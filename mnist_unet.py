@@ -492,6 +492,10 @@ def main(argv=None):
                                 log_every=LOG_EVERY)
     data = runs[names[0]].load(lambda: load_data(args.dataset, args.data_dir, args.quick, device))
     n_train = len(data[0])
+    biggest = max(plans[name]["batch_size"] for name in names)
+    if biggest > n_train:  # now, before the CPU estimate times steps of that batch
+        raise common.UserError(f"{args.data_dir} holds {n_train} {TITLES[args.dataset]} training images, "
+                               f"fewer than the batch size {biggest}; pass a smaller --batch-size")
     print(f"device {device}; {n_train} {TITLES[args.dataset]} training images; runs: {', '.join(names)}")
     if device.type == "cpu" and not args.quick and not args.resume:  # the GPU recipe: how long it takes here
         print("timing 2 steps of each run to estimate the run time on this CPU...", flush=True)

@@ -385,6 +385,14 @@ def test_unet_load_errors_say_what_went_wrong(tiny_model, tmp_path, monkeypatch)
     eps, v = model(x, 500, [""])
     assert eps.shape == v.shape == (1, 3, 64, 64)
     assert torch.allclose(eps, reference(x, 500, [""])[0], atol=0.05)
+    full_only = tmp_path / "full" / "unet"  # good full weights, garbage *.fp16.* ones: which file loads?
+    full_only.mkdir(parents=True)
+    for name in ["config.json", "diffusion_pytorch_model.safetensors"]:
+        (full_only / name).write_bytes((tiny_model / "model" / "unet" / name).read_bytes())
+    (full_only / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"\x00garbage")
+    de.load_deepfloyd(str(full_only.parent), embeds, [""], cpu, torch.float32)  # fp32: the full files
+    with pytest.raises(UserError, match="needs IF's \\*.fp16.\\* files"):
+        de.load_deepfloyd(str(full_only.parent), embeds, [""], cpu, torch.float16)  # fp16: the fp16 files
 
     (tmp_path / "bad" / "unet").mkdir(parents=True)
     config = (tiny_model / "model" / "unet" / "config.json").read_bytes()

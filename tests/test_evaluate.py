@@ -276,10 +276,8 @@ def test_bad_input_is_one_sentence_and_writes_nothing(case, fragment, fashion, t
     assert not cache.exists() and not metrics.exists()
 
 
-@pytest.mark.parametrize("case, fragment", [
-    ("samples", "is the samples file"), ("checkpoint.pt", "exists and is not a JSON-lines file"),
-    ("notes.txt", "exists and is not a JSON-lines file")])
-def test_a_metrics_file_that_is_not_json_lines_is_left_alone(case, fragment, fashion, tmp_path, capsys):
+@pytest.mark.parametrize("case", ["samples", "checkpoint.pt", "notes.txt"])
+def test_a_metrics_file_that_is_not_json_lines_is_left_alone(case, fashion, tmp_path, capsys):
     samples = tmp_path / "s.npz"
     shutil.copy(fashion.real, samples)
     metrics = samples if case == "samples" else tmp_path / case
@@ -290,7 +288,7 @@ def test_a_metrics_file_that_is_not_json_lines_is_left_alone(case, fragment, fas
     before = metrics.read_bytes()
     message = refused([str(samples), "--dataset", "fashion", "--data-dir", fashion.root, "--device", "cpu",
                        "--cache-dir", str(tmp_path / "cache"), "--metrics", str(metrics)], capsys)
-    assert fragment in message and "pass a new path or a .jsonl file" in message
+    assert "exists and is not a JSON-lines file" in message and "pass a new path or a .jsonl file" in message
     assert metrics.read_bytes() == before and not (tmp_path / "cache").exists()
 
 

@@ -624,10 +624,10 @@ def test_a_batch_larger_than_the_training_set_is_refused_not_clamped(tmp_path):
     """The check needs the data, so it comes once the --out is locked: nothing but the lock is written."""
     root = make_mnist_root(tmp_path / "mnist", n=96)
     flags = ["--data-dir", root, "--out", tmp_path / "out", *TINY]
-    with pytest.raises(common.UserError, match=re.escape("the training data holds fewer images than "
-                                                         "--batch-size 97; pass a smaller --batch-size")):
+    with pytest.raises(common.UserError, match=re.escape(f"{root} holds 96 MNIST training images, fewer than "
+                                                         f"the batch size 97; pass a smaller --batch-size")):
         main(*flags, "--part", "fm", "--batch-size", "97")
-    with pytest.raises(common.UserError, match="fewer images than --batch-size 256"):  # the recipe's denoiser
+    with pytest.raises(common.UserError, match="fewer than the batch size 256"):  # the recipe's denoiser batch
         main("--data-dir", root, "--out", tmp_path / "out", "--part", "denoise", "--epochs", "1", "--device", "cpu")
     assert os.listdir(tmp_path / "out") == [".lock"]
     main(*flags, "--part", "fm", "--batch-size", "96", "--epochs", "1")  # the whole set in one batch is fine
