@@ -542,7 +542,7 @@ def load_deepfloyd(model_id, embeds_path, prompts, device, dtype):
         reason = " ".join(str(e).split())[:300]
         raise UserError(f"cannot load the IF stage-1 UNet from {model_id} ({type(e).__name__}: {reason}): "
                         f"the model is gated (accept its licence at huggingface.co/DeepFloyd/IF-I-XL-v1.0, "
-                        f"then `huggingface-cli login`) or there is no network; or pass --model-id a local "
+                        f"then `hf auth login`) or there is no network; or pass --model-id a local "
                         f"copy (in fp16 or bf16 it needs IF's *.fp16.* files; else pass --precision fp32)")
     if unet.config.out_channels != 6:
         raise UserError(f"{model_id} has a UNet with {unet.config.out_channels} output channels, not IF "

@@ -409,7 +409,7 @@ def test_unet_load_errors_say_what_went_wrong(tiny_model, tmp_path, monkeypatch)
         hub_error = GatedRepoError.__new__(GatedRepoError)
         raise OSError("DeepFloyd/IF-I-XL-v1.0 could not be loaded") from hub_error
     monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", gated)
-    with pytest.raises(UserError, match="accept its licence.*huggingface-cli login"):
+    with pytest.raises(UserError, match="accept its licence.*hf auth login"):
         de.load_deepfloyd(model_id, embeds, [""], cpu, torch.float16)
 
 
