@@ -733,7 +733,6 @@ class Run:
             raise UserError(f"{self.path} already holds a checkpoint of {script}.py; pass --resume "
                             f"{self.path} to continue it, --overwrite to start over, or another --out")
         prepare_out(args.out)  # on every rank: a bad --out stops each of them, none waits for the others
-        self.fresh = self.ckpt is None  # metrics.jsonl starts anew once load() holds the lock
         self.metrics_path = os.path.join(args.out, "metrics.jsonl")
         self.epoch = 0  # epochs done
         self.step = 0
@@ -747,7 +746,7 @@ class Run:
         def lock_and_load():
             if self.rank == 0:
                 lock_out(self.out)
-                if self.fresh and os.path.exists(self.metrics_path):
+                if self.ckpt is None and os.path.exists(self.metrics_path):  # a fresh run's starts anew
                     os.remove(self.metrics_path)
             return load()
         return rank0_first(lock_and_load, self.rank, self.world)

@@ -493,7 +493,7 @@ def main(argv=None):
     data = runs[names[0]].load(lambda: load_data(args.dataset, args.data_dir, args.quick, device))
     n_train = len(data[0])
     biggest = max(plans[name]["batch_size"] for name in names)
-    if biggest > n_train:  # now, before the CPU estimate times steps of that batch
+    if biggest > n_train:  # here, before the CPU estimate times steps of that batch
         raise common.UserError(f"{args.data_dir} holds {n_train} {TITLES[args.dataset]} training images, "
                                f"fewer than the batch size {biggest}; pass a smaller --batch-size")
     print(f"device {device}; {n_train} {TITLES[args.dataset]} training images; runs: {', '.join(names)}")
